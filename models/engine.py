@@ -1,0 +1,116 @@
+"""The single-process reference engine: prefill, then decode with a KV cache, for a batch of requests.
+
+It is the baseline every mesh layout is compared with, and `stagemesh generate --model DIR` runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagemesh.errors import InvalidArgument
+from stagemesh.models.batch import SeqChunk
+from stagemesh.models.blocks import BlockAllocator
+from stagemesh.models.loader import build_model
+from stagemesh.models.runner import ModelRunner
+from stagemesh.models.sampling import SampledToken, SamplingParams, sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidArgument(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[SampledToken] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "eos" | "stop"
+
+
+def finish_reason(token: int, generated: int, req: GenerationRequest, eos_ids: tuple[int, ...], room: int) -> str | None:
+    """Why a sequence ends after emitting `token` as its `generated`-th token, or None to go on."""
+    if token in req.stop_token_ids:
+        return "stop"
+    if not req.ignore_eos and token in eos_ids:
+        return "eos"
+    if generated >= req.max_tokens or room <= 0:
+        return "length"
+    return None
+
+
+class ReferenceEngine:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu", block_size: int = 16):
+        self.model, _ = build_model(model_dir, dtype=dtype, device=device)
+        self.config = self.model.config
+        self.device = device
+        self.block_size = block_size
+        self._runner: ModelRunner | None = None
+
+    def _runner_for(self, tokens: list[int]) -> tuple[ModelRunner, BlockAllocator]:
+        blocks = sum(-(-t // self.block_size) for t in tokens)
+        if self._runner is None or self._runner.num_blocks < blocks:
+            self._runner = ModelRunner(self.model, blocks, self.block_size, self.device)
+        return self._runner, BlockAllocator(self._runner.num_blocks, self.block_size)
+
+    def _validate(self, req: GenerationRequest) -> None:
+        limit = self.config.max_position_embeddings
+        if not req.prompt_ids:
+            raise InvalidArgument("prompt is empty")
+        if req.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if len(req.prompt_ids) + req.max_tokens > limit:
+            raise InvalidArgument(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of {limit}"
+            )
+        if any(not 0 <= t < self.config.vocab_size for t in req.prompt_ids):
+            raise InvalidArgument(f"prompt token ids must be in [0, {self.config.vocab_size})")
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        for req in requests:
+            self._validate(req)
+        runner, blocks = self._runner_for([len(r.prompt_ids) + r.max_tokens for r in requests])
+        tables = [tuple(blocks.allocate(i, len(r.prompt_ids) + r.max_tokens)) for i, r in enumerate(requests)]
+        results = [Generation() for _ in requests]
+        lengths = [len(r.prompt_ids) for r in requests]
+        next_ids = [list(r.prompt_ids) for r in requests]
+        starts = [0] * len(requests)
+        live = list(range(len(requests)))
+        while live:
+            chunks = [SeqChunk(i, starts[i], len(next_ids[i]), tables[i]) for i in live]
+            ids = torch.tensor([t for i in live for t in next_ids[i]], dtype=torch.long)
+            logits = runner.run(chunks, input_ids=ids)  # (len(live), V)
+            picks = sample(logits, [requests[i].sampling for i in live], [len(results[i].token_ids) for i in live])
+            for i, tok in zip(live, picks):
+                results[i].token_ids.append(tok.token_id)
+                results[i].tokens.append(tok)
+                starts[i], next_ids[i] = lengths[i], [tok.token_id]
+                lengths[i] += 1
+                room = self.config.max_position_embeddings - lengths[i]
+                results[i].finish_reason = finish_reason(
+                    tok.token_id, len(results[i].token_ids), requests[i], self.config.eos_token_ids, room
+                )
+            live = [i for i in live if results[i].finish_reason is None]
+        return results
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Logits (T, V) at every position of each prompt, computed in one batched prefill."""
+        runner, blocks = self._runner_for([len(p) for p in prompts])
+        chunks = [SeqChunk(i, 0, len(p), tuple(blocks.allocate(i, len(p)))) for i, p in enumerate(prompts)]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        logits = runner.run(chunks, input_ids=ids, all_logits=True)
+        return list(logits.split([len(p) for p in prompts]))

@@ -1,0 +1,73 @@
+"""Runs forward steps of a (slice of a) model over its paged KV cache.
+
+The one place a step's chunks become a StepBatch and tensors go through the model; the reference
+engine and the stage worker both drive a ModelRunner, so the mesh computes exactly what the engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from stagemesh.errors import InvalidArgument
+from stagemesh.models.batch import SeqChunk, StepBatch
+from stagemesh.models.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu") -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        model.allocate_kv(num_blocks, block_size, self.dtype, self.device)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.inference_mode()
+    def run(
+        self,
+        chunks: list[SeqChunk],
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (N,) or hidden (N, D) for the chunks' tokens, in chunk order.
+
+        Returns hidden (N, D), or on the last stage logits (S, V) for chunks that want them
+        (every row when all_logits, for tests that compare whole prompts).
+        """
+        self._check(chunks, input_ids, hidden)
+        batch = StepBatch.build(chunks, self.block_size, self.device)
+        if all_logits:
+            batch = _with_all_rows(batch)
+        if input_ids is not None:
+            input_ids = input_ids.to(self.device)
+        if hidden is not None:
+            hidden = hidden.to(self.device, self.dtype)
+        return self.model(batch, input_ids=input_ids, hidden=hidden)
+
+    def _check(self, chunks: list[SeqChunk], input_ids, hidden) -> None:
+        n = sum(c.num_tokens for c in chunks)
+        for c in chunks:
+            if any(not 0 <= b < self.num_blocks for b in c.block_table):
+                raise InvalidArgument(f"sequence {c.seq_id}: block ids must be in [0, {self.num_blocks})")
+        if self.model.has_embedding:
+            if input_ids is None or input_ids.shape != (n,):
+                raise InvalidArgument(f"the first stage needs {n} token ids for the step's {n} positions")
+            vocab = self.config.vocab_size
+            if n and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                raise InvalidArgument(f"token ids must be in [0, {vocab})")
+        else:
+            expected = (n, self.config.hidden_size)
+            if hidden is None or tuple(hidden.shape) != expected:
+                got = None if hidden is None else list(hidden.shape)
+                raise InvalidArgument(f"hidden states must have shape {list(expected)}, got {got}")
+
+
+def _with_all_rows(batch: StepBatch) -> StepBatch:
+    return replace(batch, logits_indices=torch.arange(batch.num_tokens, device=batch.positions.device))

@@ -1,0 +1,158 @@
+"""Tensor parallelism as a plan applied to a built model (gpt-fast's tp.py habit).
+
+`TP_PLAN` says which projections are column-parallel (split by output rows) and which are row-parallel
+(split by input columns, then one all-reduce), and which checkpoint tensors each fused projection is
+made of. `apply_tensor_parallel` reshapes a (meta-device) model to one rank's shards and adds the
+collectives; `models.loader` fills those shards from the checkpoint with the same arithmetic.
+Per layer that is 2 all-reduces (after o_proj and after the MLP or MoE block); the embedding adds one
+all-reduce and the vocab-split LM head one all-gather per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from stagemesh.models.config import ModelConfig
+from stagemesh.models.plan import kv_head_range, kv_heads_per_rank, shard_range, vocab_range
+from stagemesh.models.transformer import Transformer
+
+COLWISE, ROWWISE = "colwise", "rowwise"
+
+# Module path inside a decoder layer -> (style, checkpoint tensors it is made of, concatenated by rows).
+TP_PLAN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "self_attn.qkv_proj": (COLWISE, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "self_attn.o_proj": (ROWWISE, ("self_attn.o_proj",)),
+    "mlp.gate_up_proj": (COLWISE, ("mlp.gate_proj", "mlp.up_proj")),
+    "mlp.down_proj": (ROWWISE, ("mlp.down_proj",)),
+}
+# Mixtral experts: w13 = [w1; w3] column-parallel per expert, w2 row-parallel, all-reduce after the block.
+MOE_TP_PLAN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mlp.experts.w13": (COLWISE, ("w1", "w3")),
+    "mlp.experts.w2": (ROWWISE, ("w2",)),
+}
+
+
+@dataclass(frozen=True)
+class TPRank:
+    """Where this process sits in its stage's TP group."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def part_rows(config: ModelConfig, part: str, tp: int, rank: int) -> tuple[int, int]:
+    """Output rows of checkpoint tensor `part` (a column-parallel piece) that `rank` holds."""
+    if part.endswith(("k_proj", "v_proj")):
+        first, last = kv_head_range(config, tp, rank)
+        return first * config.head_dim, last * config.head_dim
+    if part.endswith("q_proj"):
+        return shard_range(config.q_size, tp, rank)
+    return shard_range(config.intermediate_size, tp, rank)  # gate/up/w1/w3
+
+
+def row_parallel_cols(config: ModelConfig, name: str, tp: int, rank: int) -> tuple[int, int]:
+    """Input columns of a row-parallel tensor that `rank` holds."""
+    size = config.q_size if name.endswith("o_proj") else config.intermediate_size
+    return shard_range(size, tp, rank)
+
+
+def apply_tensor_parallel(model: Transformer, tp: TPRank) -> None:
+    """Reshapes `model` to rank tp.rank's shards (values are filled by the loader) and adds collectives."""
+    if tp.size == 1:
+        return
+    config = model.config
+    for layer in model.layers.values():
+        attn = layer.self_attn
+        attn.n_heads //= tp.size
+        attn.n_kv_heads = kv_heads_per_rank(config, tp.size)
+        local_qkv = (attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
+        _resize_linear(attn.qkv_proj, out_features=local_qkv)
+        _make_row_parallel(attn.o_proj, attn.n_heads * attn.head_dim, tp)
+        mlp = layer.mlp
+        inter = config.intermediate_size // tp.size
+        if config.is_moe:
+            experts = mlp.experts
+            experts.w13 = nn.Parameter(torch.empty(len(experts.expert_ids), 2 * inter, config.hidden_size))
+            experts.w2 = nn.Parameter(torch.empty(len(experts.expert_ids), config.hidden_size, inter))
+            mlp.register_forward_hook(_all_reduce_hook(tp.group))
+        else:
+            _resize_linear(mlp.gate_up_proj, out_features=2 * inter)
+            _make_row_parallel(mlp.down_proj, inter, tp)
+    if model.has_embedding:
+        embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        model.embed_tokens = embed
+    if model.has_head:
+        head = VocabParallelHead(config.vocab_size, config.hidden_size, tp)
+        if model.has_embedding and config.tie_word_embeddings:
+            head.weight = model.embed_tokens.weight
+        model.lm_head = head
+
+
+def _resize_linear(linear: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> None:
+    out_features = out_features or linear.out_features
+    in_features = in_features or linear.in_features
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features))
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(torch.empty(out_features))
+    linear.out_features, linear.in_features = out_features, in_features
+
+
+def _make_row_parallel(linear: nn.Linear, in_features: int, tp: TPRank) -> None:
+    """Split by input columns; partial outputs are summed by one all-reduce, then the bias is added once."""
+    has_bias = linear.bias is not None
+    linear.bias = None
+    _resize_linear(linear, in_features=in_features)
+    if has_bias:
+        linear.row_bias = nn.Parameter(torch.empty(linear.out_features))
+    linear.register_forward_hook(_all_reduce_hook(tp.group, with_bias=has_bias))
+
+
+def _all_reduce_hook(group, with_bias: bool = False):
+    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=group)
+        return output + module.row_bias if with_bias else output
+
+    return hook
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds vocab rows [start, end); ids outside contribute zeros; one all-reduce sums them."""
+
+    def __init__(self, vocab: int, hidden: int, tp: TPRank) -> None:
+        super().__init__()
+        self.start, self.end = vocab_range(vocab, tp.size, tp.rank)
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden))
+        self.group = tp.group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start  # (N,)
+        outside = (local < 0) | (local >= self.end - self.start)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (N, D)
+        out.masked_fill_(outside[:, None], 0)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class VocabParallelHead(nn.Module):
+    """LM head split by vocab rows; the logits are all-gathered so every rank ends with (S, V)."""
+
+    def __init__(self, vocab: int, hidden: int, tp: TPRank) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.rows_per_rank = vocab_range(vocab, tp.size, 0)[1]
+        start, end = vocab_range(vocab, tp.size, tp.rank)
+        self.weight = nn.Parameter(torch.empty(end - start, hidden))
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight)  # (S, V_local)
+        local = F.pad(local, (0, self.rows_per_rank - local.shape[1])).contiguous()  # (S, ceil(V/tp))
+        parts = [torch.empty_like(local) for _ in range(self.tp.size)]
+        dist.all_gather(parts, local, group=self.tp.group)
+        return torch.cat(parts, dim=-1)[:, : self.vocab]  # (S, V)
