@@ -1,0 +1,30 @@
+"""Shared fixtures: small random checkpoints of every architecture, made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(arch, preset="tiny", **options) -> path of a generated checkpoint (cached per session)."""
+    from stagemesh.models.make_checkpoint import make_checkpoint
+
+    made: dict[tuple, str] = {}
+
+    def get(arch: str, preset: str = "tiny", **options) -> str:
+        key = (arch, preset, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{arch}-{preset}")
+            made[key] = str(make_checkpoint(out, arch, preset, **options))
+        return made[key]
+
+    return get

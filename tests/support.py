@@ -1,0 +1,75 @@
+"""Helpers for tests: the Hugging Face oracle, free ports, child processes that always get cleaned up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HELPERS = Path(__file__).parent / "helpers"
+PROMPTS = [[5, 9, 23, 42, 7], list(range(3, 20)), [(7 * i) % 500 + 3 for i in range(41)]]
+
+
+def hf_model(path: str, dtype: torch.dtype = torch.float64):
+    """Hugging Face transformers on the same files: the oracle every layout is compared with."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = {}
+    if AutoConfig.from_pretrained(path).model_type == "mixtral":
+        options["experts_implementation"] = "eager"  # the grouped kernel refuses float64
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options).eval()
+
+
+@torch.no_grad()
+def hf_logits(model, prompt: list[int]) -> torch.Tensor:
+    return model(torch.tensor([prompt])).logits[0]
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+        eos_token_id=None, pad_token_id=0,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_ranks(script: str, world: int, args: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Runs helpers/<script> as `world` gloo ranks around a TCPStore this process hosts (no port races)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HELPERS / script), str(rank), str(world), str(store.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        )
+        for rank in range(world)
+    ]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return results
