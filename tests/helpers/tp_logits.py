@@ -1,6 +1,7 @@
 """One TP rank: builds its shard of a checkpoint, joins a gloo group, writes the prompt logits (rank 0)."""
 
 import datetime
+import os
 import sys
 
 import torch
@@ -31,3 +32,6 @@ if rank == 0:
     save_file({"logits": logits.contiguous()}, out)
 dist.barrier()
 dist.destroy_process_group()
+# Gloo's worker threads can abort interpreter teardown ("terminate called without an active exception",
+# pytorch/pytorch#190489): leave without it once the work is done.
+os._exit(0)
