@@ -90,5 +90,122 @@ def generate_command(model_dir, gateway, prompt, prompt_ids, max_tokens, dtype, 
         click.echo(f"\n[{result['finish_reason']}: {len(result['token_ids'])} tokens]", err=True)
 
 
+def _serve(coro) -> None:
+    import asyncio
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(coro)
+
+
+@main.command("coordinator")
+@click.option("--model", "model_dir", required=True, help="Checkpoint directory (as the workers see it).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
+@click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE); 0 keeps experts in the stages.")
+@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31 (default: even split).")
+@click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
+              show_default=True, help="How experts are spread over expert workers.")
+@click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64", "float16"]), default="float32",
+              show_default=True, help="Weights and activations dtype on every worker.")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size in tokens.")
+@click.option("--max-model-len", type=int, default=0, help="Context limit (default: the model's).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one, printed when ready).")
+@click.option("--heartbeat-timeout", type=float, default=5.0, show_default=True,
+              help="Seconds of silence before a worker is marked down.")
+def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, block_size,
+                        max_model_len, host, port, heartbeat_timeout) -> None:
+    """Run the coordinator: validate the plan, assign roles to workers, publish the topology."""
+    from stagemesh.coordinator.server import CoordinatorOptions, build_roster, serve
+
+    opts = CoordinatorOptions(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, block_size,
+                              max_model_len, host, port, heartbeat_timeout)
+    build_roster(opts)  # refuse an impossible plan before anything listens
+    _serve(serve(opts))
+
+
+@main.command("stage-worker")
+@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
+@click.option("--advertise", help="Host other components reach this worker at (default: --host).")
+@click.option("--threads", type=int, help="torch threads for this worker.")
+@click.option("--stage", type=int, help="Ask for this pipeline stage (default: the next free role).")
+@click.option("--tp-rank", type=int, help="Ask for this TP rank within the stage.")
+@click.option("--dist-port", type=int, default=0, show_default=True,
+              help="Port of the stage's torch.distributed store when this worker is TP rank 0 (0 = free).")
+@click.option("--kv-memory", help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).")
+@click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
+def stage_worker_command(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port, kv_memory,
+                         model_dir, connect_timeout) -> None:
+    """Run a stage worker: one TP rank of one pipeline stage."""
+    from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
+
+    opts = StageWorkerOptions(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port,
+                              kv_memory, model_dir, connect_timeout)
+    _serve(run_stage_worker(opts))
+
+
+@main.command("gateway")
+@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
+@click.option("--advertise", help="Host clients reach the gateway at (default: --host).")
+@click.option("--model", "model_dir", help="Checkpoint directory on this host (tokenizer, config), if not the plan's.")
+@click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step (chunked prefill).")
+@click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting for KV space before RESOURCE_EXHAUSTED.")
+@click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
+def gateway_command(coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running) -> None:
+    """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
+    from stagemesh.gateway.scheduler import SchedulerLimits
+    from stagemesh.gateway.service import GatewayOptions, run_gateway
+
+    limits = SchedulerLimits(max_step_tokens, max_queue, max_running)
+    _serve(run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits)))
+
+
+@main.command("up")
+@click.option("--model", "model_dir", required=True, help="Checkpoint directory.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
+@click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE).")
+@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31.")
+@click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
+              show_default=True, help="How experts are spread over expert workers.")
+@click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (workers spread over the GPUs).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64", "float16"]), default="float32",
+              show_default=True, help="Compute dtype of every worker.")
+@click.option("--threads", type=int, help="torch threads per worker (default: cores / workers).")
+@click.option("--kv-memory", help="KV cache budget per worker, e.g. 64MiB.")
+@click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
+@click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
+def up_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, device, dtype, threads, kv_memory,
+               max_step_tokens, host, port) -> None:
+    """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
+    from stagemesh.deploy.launcher import MeshLayout, run_up
+
+    run_up(MeshLayout(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, device, threads,
+                      kv_memory, host, port, max_step_tokens=max_step_tokens))
+
+
+@main.command("health")
+@click.argument("address")
+@click.option("--service", default="", help="Service name to check (default: the server as a whole).")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def health_command(address, service, timeout) -> None:
+    """Exit 0 when the gRPC server at ADDRESS reports SERVING (grpc.health.v1), 1 otherwise."""
+    from stagemesh.proto.rpc import check_health
+
+    serving = check_health(address, service, timeout)
+    click.echo("SERVING" if serving else "NOT_SERVING")
+    sys.exit(0 if serving else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -38,8 +38,8 @@ def run_generate(
 
 
 def _generate_locally(model_dir: str, args: GenerateArgs, dtype: str, device: str, on_text) -> dict:
-    from stagemesh.models.engine import GenerationRequest, ReferenceEngine, parse_dtype
-    from stagemesh.models.sampling import SamplingParams
+    from stagemesh.models.engine import ReferenceEngine, parse_dtype
+    from stagemesh.models.requests import GenerationRequest, SamplingParams
 
     codec = TextCodec.from_dir(model_dir)
     prompt_ids = args.prompt_ids if args.prompt is None else require_codec(codec, model_dir).encode(args.prompt)
@@ -51,9 +51,7 @@ def _generate_locally(model_dir: str, args: GenerateArgs, dtype: str, device: st
     if on_text and text:
         on_text(text)
     return {
-        "prompt_ids": list(prompt_ids),
         "token_ids": result.token_ids,
         "text": text,
         "finish_reason": result.finish_reason,
-        "logprobs": [t.logprob for t in result.tokens],
     }

@@ -15,7 +15,8 @@ from stagemesh.models.batch import SeqChunk
 from stagemesh.models.blocks import BlockAllocator
 from stagemesh.models.loader import build_model
 from stagemesh.models.runner import ModelRunner
-from stagemesh.models.sampling import SampledToken, SamplingParams, sample
+from stagemesh.models.requests import GenerationRequest, SampledToken, finish_reason
+from stagemesh.models.sampling import sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
 
@@ -26,31 +27,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-
 @dataclass
 class Generation:
     token_ids: list[int] = field(default_factory=list)
     tokens: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None  # "length" | "eos" | "stop"
-
-
-def finish_reason(token: int, generated: int, req: GenerationRequest, eos_ids: tuple[int, ...], room: int) -> str | None:
-    """Why a sequence ends after emitting `token` as its `generated`-th token, or None to go on."""
-    if token in req.stop_token_ids:
-        return "stop"
-    if not req.ignore_eos and token in eos_ids:
-        return "eos"
-    if generated >= req.max_tokens or room <= 0:
-        return "length"
-    return None
 
 
 class ReferenceEngine:
@@ -67,22 +48,9 @@ class ReferenceEngine:
             self._runner = ModelRunner(self.model, blocks, self.block_size, self.device)
         return self._runner, BlockAllocator(self._runner.num_blocks, self.block_size)
 
-    def _validate(self, req: GenerationRequest) -> None:
-        limit = self.config.max_position_embeddings
-        if not req.prompt_ids:
-            raise InvalidArgument("prompt is empty")
-        if req.max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {req.max_tokens}")
-        if len(req.prompt_ids) + req.max_tokens > limit:
-            raise InvalidArgument(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of {limit}"
-            )
-        if any(not 0 <= t < self.config.vocab_size for t in req.prompt_ids):
-            raise InvalidArgument(f"prompt token ids must be in [0, {self.config.vocab_size})")
-
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         for req in requests:
-            self._validate(req)
+            req.validate(self.config.vocab_size, self.config.max_position_embeddings)
         runner, blocks = self._runner_for([len(r.prompt_ids) + r.max_tokens for r in requests])
         tables = [tuple(blocks.allocate(i, len(r.prompt_ids) + r.max_tokens)) for i, r in enumerate(requests)]
         results = [Generation() for _ in requests]

@@ -41,17 +41,18 @@ class ModelRunner:
         Returns hidden (N, D), or on the last stage logits (S, V) for chunks that want them
         (every row when all_logits, for tests that compare whole prompts).
         """
-        self._check(chunks, input_ids, hidden)
+        self.check(chunks, input_ids, hidden)
         batch = StepBatch.build(chunks, self.block_size, self.device)
         if all_logits:
             batch = _with_all_rows(batch)
         if input_ids is not None:
             input_ids = input_ids.to(self.device)
         if hidden is not None:
-            hidden = hidden.to(self.device, self.dtype)
+            hidden = hidden.to(self.device)
         return self.model(batch, input_ids=input_ids, hidden=hidden)
 
-    def _check(self, chunks: list[SeqChunk], input_ids, hidden) -> None:
+    def check(self, chunks: list[SeqChunk], input_ids, hidden) -> None:
+        """Raises InvalidArgument when the inputs do not fit the chunks or this model slice."""
         n = sum(c.num_tokens for c in chunks)
         for c in chunks:
             if any(not 0 <= b < self.num_blocks for b in c.block_table):
@@ -67,6 +68,12 @@ class ModelRunner:
             if hidden is None or tuple(hidden.shape) != expected:
                 got = None if hidden is None else list(hidden.shape)
                 raise InvalidArgument(f"hidden states must have shape {list(expected)}, got {got}")
+            if hidden.dtype != self.dtype:
+                raise InvalidArgument(f"hidden states must be {_name(self.dtype)}, got {_name(hidden.dtype)}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _with_all_rows(batch: StepBatch) -> StepBatch:

@@ -7,44 +7,9 @@ Logprobs are those of the model's own distribution (log-softmax of the raw logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from stagemesh.errors import InvalidArgument
-
-MAX_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
-    seed: int = 0
-    logprobs: int = 0  # alternatives to report per token; 0 = none (the chosen token's logprob still is)
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...] = field(default=())
-
+from stagemesh.models.requests import SampledToken, SamplingParams
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], draw_index: list[int]) -> list[SampledToken]:
     """logits (S, V), one row per sequence; draw_index[i] = how many tokens sequence i has generated."""

@@ -49,8 +49,11 @@ class Transformer(nn.Module):
             attn = layer.self_attn
             attn.kv_cache = PagedKVCache(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, dtype, device)
 
-    def kv_bytes_per_block(self) -> int:
-        return sum(2 * c.k[: c.block_size].nbytes for c in self.kv_caches())
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one KV block takes across this slice's layers (at the local, TP-sharded head count)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_layer = [2 * l.self_attn.n_kv_heads * l.self_attn.head_dim * block_size * itemsize for l in self.layers.values()]
+        return sum(per_layer)
 
     def kv_caches(self) -> list[PagedKVCache]:
         return [layer.self_attn.kv_cache for layer in self.layers.values()]

@@ -28,3 +28,21 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_reference(checkpoint):
+    """hf_reference(arch, prompt, n) -> greedy tokens of Hugging Face transformers (float64), cached."""
+    from support import hf_greedy, hf_model
+
+    models, cache = {}, {}
+
+    def get(arch: str, prompt: list[int], max_tokens: int) -> list[int]:
+        key = (arch, tuple(prompt), max_tokens)
+        if key not in cache:
+            if arch not in models:
+                models[arch] = hf_model(checkpoint(arch))
+            cache[key] = hf_greedy(models[arch], prompt, max_tokens)
+        return cache[key]
+
+    return get

@@ -73,3 +73,59 @@ def run_ranks(script: str, world: int, args: list[str], timeout: float = 120) ->
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     return results
+
+
+class MeshProcess:
+    """`stagemesh up ...` as a real subprocess: started, waited for, stopped with SIGTERM."""
+
+    def __init__(self, model_dir: str, *args: str, timeout: float = 120) -> None:
+        import psutil
+
+        self.argv = [sys.executable, "-m", "stagemesh.cli", "up", "--model", model_dir, "--threads", "1",
+                     "--kv-memory", "8MiB", *args]
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=child_env())
+        self.stderr_lines: list[str] = []
+        import threading
+
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        line = _readline(self.proc, timeout)
+        if not line.startswith("ready "):
+            self.stop()
+            raise RuntimeError(f"stagemesh up failed: {line!r}\n{''.join(self.stderr_lines)[-3000:]}")
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        self.gateway, self.coordinator = fields["gateway"], fields["coordinator"]
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def child(self, *flags: str):
+        """The child process whose command line holds all of `flags` (e.g. "--stage", "1")."""
+        for c in self.children:
+            cmd = " ".join(c.cmdline())
+            if all(f in cmd for f in flags):
+                return c
+        raise LookupError(flags)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        return f"(no ready line in {timeout}s)"
+    return proc.stdout.readline().strip()

@@ -71,7 +71,7 @@ def test_text_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--prompt-ids", "1,2,9999"], "token ids must be in [0, 512)"),
+        (["--prompt-ids", "1,2,9999"], "token ids must be in [0, 512); got 9999"),
         (["--prompt-ids", "1,x"], "expected comma-separated integers"),
         (["--prompt-ids", "1,2", "--max-tokens", "0"], "max_tokens must be >= 1"),
         (["--prompt-ids", "1,2", "--max-tokens", "600"], "exceeds the context of 512"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 from support import PROMPTS, hf_greedy, hf_logits, hf_model
 
-from stagemesh.models.engine import GenerationRequest, ReferenceEngine
+from stagemesh.models.engine import ReferenceEngine
+from stagemesh.models.requests import GenerationRequest
 
 ARCHS = ["llama", "qwen2", "mistral", "mixtral"]
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from stagemesh.errors import InvalidArgument
-from stagemesh.models.engine import GenerationRequest, ReferenceEngine
-from stagemesh.models.sampling import SamplingParams, sample
+from stagemesh.models.engine import ReferenceEngine
+from stagemesh.models.requests import GenerationRequest, SamplingParams
+from stagemesh.models.sampling import sample
 
 LOGITS = torch.randn(4, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 

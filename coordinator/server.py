@@ -1,0 +1,192 @@
+"""The coordinator's gRPC service: a thin layer between protobuf and the Roster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from stagemesh.coordinator.roster import STAGE, Roster, ServingSpec, Topology, Worker
+from stagemesh.errors import DeadlineExceeded
+from stagemesh.models.config import ModelConfig
+from stagemesh.models.plan import ParallelPlan
+from stagemesh.proto import coordinator_pb2 as pb
+from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
+from stagemesh.proto.rpc import bind, create_server, enable_reflection, maps_errors, run_service, set_serving
+
+log = logging.getLogger("stagemesh.coordinator")
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class ChangeFeed:
+    """Wakes every waiter once per change."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, roster: Roster, feed: ChangeFeed, rendezvous_timeout: float = 300.0) -> None:
+        self.roster = roster
+        self.feed = feed
+        self.rendezvous_timeout = rendezvous_timeout
+        self.gateway: pb.GatewayReport | None = None
+        self.gateway_seen = 0.0
+
+    @maps_errors
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.Assignment:
+        worker = self.roster.register(
+            request.kind, request.address, request.device, request.hostname, request.memory_bytes,
+            stage=request.stage if request.HasField("stage") else None,
+            tp_rank=request.tp_rank if request.HasField("tp_rank") else None,
+            expert_index=request.expert_index if request.HasField("expert_index") else None,
+        )  # fmt: skip
+        log.info("registered %s as %s", worker.address, self.roster.describe(worker))
+        rendezvous = ""
+        if worker.kind == STAGE and worker.tp_rank > 0:
+            rendezvous = await self._rendezvous(worker.stage)
+        return pb.Assignment(
+            worker_id=worker.worker_id, kind=worker.kind, stage=worker.stage, tp_rank=worker.tp_rank,
+            expert_index=worker.expert_index, plan=plan_message(self.roster), rendezvous=rendezvous,
+            epoch=self.roster.topology.epoch,
+        )  # fmt: skip
+
+    async def _rendezvous(self, stage: int) -> str:
+        deadline = time.monotonic() + self.rendezvous_timeout
+        while stage not in self.roster.rendezvous:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"stage {stage}'s rank 0 did not publish its rendezvous in time")
+            await self.feed.wait(1.0)
+        return self.roster.rendezvous[stage]
+
+    @maps_errors
+    async def SetRendezvous(self, request: pb.RendezvousRequest, context) -> pb.Empty:
+        self.roster.set_rendezvous(request.worker_id, request.address)
+        return pb.Empty()
+
+    @maps_errors
+    async def ReportReady(self, request: pb.ReadyRequest, context) -> pb.Empty:
+        self.roster.mark_ready(request.worker_id, request.param_bytes, request.kv_blocks, request.kv_bytes_per_block)
+        worker = self.roster.get(request.worker_id)
+        log.info("ready: %s (%d parameter bytes)", self.roster.describe(worker), request.param_bytes)
+        if self.roster.topology.ready:
+            log.info("mesh ready at epoch %d", self.roster.topology.epoch)
+        return pb.Empty()
+
+    @maps_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        s = request.stats
+        stats = {"kv_blocks_used": s.kv_blocks_used, "steps": s.steps, "busy_seconds": s.busy_seconds,
+                 "expert_load": list(s.expert_load)}  # fmt: skip
+        return pb.HeartbeatReply(epoch=self.roster.heartbeat(request.worker_id, stats))
+
+    @maps_errors
+    async def ReportGateway(self, request: pb.GatewayReport, context) -> pb.Empty:
+        self.gateway, self.gateway_seen = request, time.monotonic()
+        return pb.Empty()
+
+    async def WatchTopology(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.Topology]:
+        sent = -1
+        while True:
+            topology = self.roster.topology
+            if topology.epoch != sent:
+                sent = topology.epoch
+                yield topology_message(self.roster, topology)
+            await self.feed.wait(5.0)
+
+    @maps_errors
+    async def Status(self, request: pb.StatusRequest, context) -> pb.ClusterStatus:
+        now = self.roster.clock()
+        workers = [worker_status(self.roster, w, now) for w in self.roster.workers.values()]
+        workers.sort(key=lambda w: (w.kind != STAGE, w.stage, w.tp_rank, w.expert_index))
+        age = time.monotonic() - self.gateway_seen if self.gateway is not None else -1.0
+        return pb.ClusterStatus(
+            topology=topology_message(self.roster, self.roster.topology), workers=workers,
+            gateway=self.gateway or pb.GatewayReport(), gateway_report_age=age,
+        )  # fmt: skip
+
+
+def plan_message(roster: Roster) -> pb.Plan:
+    plan, config, spec = roster.plan, roster.config, roster.spec
+    return pb.Plan(
+        model_dir=spec.model_dir, model_type=config.model_type, tp=plan.tp, pp=plan.pp, ep=plan.ep,
+        stages=[pb.LayerRange(first=s.first_layer, end=s.end_layer) for s in plan.stages],
+        expert_groups=[pb.ExpertGroup(expert_ids=g) for g in plan.expert_groups],
+        dtype=spec.dtype, block_size=spec.block_size,
+        max_model_len=spec.max_model_len or config.max_position_embeddings,
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+    )  # fmt: skip
+
+
+def topology_message(roster: Roster, t: Topology) -> pb.Topology:
+    return pb.Topology(
+        epoch=t.epoch, ready=t.ready, reason=t.reason, plan=plan_message(roster),
+        stage_addresses=t.stage_addresses, expert_addresses=t.expert_addresses, kv_blocks=t.kv_blocks,
+    )  # fmt: skip
+
+
+def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
+    return pb.WorkerStatus(
+        worker_id=w.worker_id, kind=w.kind, stage=w.stage, tp_rank=w.tp_rank, expert_index=w.expert_index,
+        role=roster.describe(w), address=w.address, device=w.device, hostname=w.hostname, state=w.state,
+        last_heartbeat_age=now - w.last_heartbeat, param_bytes=w.param_bytes,
+        predicted_param_bytes=roster.predicted_param_bytes(w), kv_blocks_used=w.stats.get("kv_blocks_used", 0),
+        kv_blocks=w.kv_blocks, steps=w.stats.get("steps", 0), busy_seconds=w.stats.get("busy_seconds", 0.0),
+        memory_bytes=w.memory_bytes, expert_load=w.stats.get("expert_load", []),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    model_dir: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 0
+    layers: str | None = None
+    expert_placement: str = "contiguous"
+    expert_replicas: str | None = None
+    dtype: str = "float32"
+    block_size: int = 16
+    max_model_len: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+    heartbeat_timeout: float = 5.0
+
+
+def build_roster(opts: CoordinatorOptions, on_change=lambda: None) -> Roster:
+    """Validates the plan against the checkpoint's config before anything listens."""
+    config = ModelConfig.from_dir(opts.model_dir)
+    plan = ParallelPlan.build(config, opts.tp, opts.pp, opts.ep, opts.layers, opts.expert_placement, opts.expert_replicas)
+    spec = ServingSpec(opts.model_dir, opts.dtype, opts.block_size, opts.max_model_len)
+    return Roster(config, plan, spec, heartbeat_timeout=opts.heartbeat_timeout, on_change=on_change)
+
+
+async def serve(opts: CoordinatorOptions) -> None:
+    feed = ChangeFeed()
+    roster = build_roster(opts, on_change=feed.notify)
+    server, health = create_server()
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(roster, feed), server)
+    enable_reflection(server, [SERVICE])
+    port = bind(server, opts.host, opts.port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    log.info("plan: %s", roster.plan.describe())
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            roster.sweep()
+
+    await run_service("coordinator", f"{opts.host}:{port}", server, background=[sweep()])

@@ -1,0 +1,158 @@
+"""The gateway process: follows the coordinator's topology, attaches the scheduler to stage 0 when the mesh
+is ready (detaches and fails requests with UNAVAILABLE when it is not), serves the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.gateway.pipeline import PipelineLink
+from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits, Sequence
+from stagemesh.gateway.server import SERVICE, GenerationServicer
+from stagemesh.gateway.tokenizer import TextCodec
+from stagemesh.models.blocks import BlockAllocator
+from stagemesh.models.config import ModelConfig
+from stagemesh.proto import coordinator_pb2 as cpb
+from stagemesh.proto import generation_pb2 as pb
+from stagemesh.proto import generation_pb2_grpc as pb_grpc
+from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_service, set_serving
+
+log = logging.getLogger("stagemesh.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    coordinator: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None
+    model_dir: str | None = None  # where this host sees the checkpoint (tokenizer, config), if not the plan's
+    limits: SchedulerLimits = SchedulerLimits()
+    connect_timeout: float = 30.0
+
+
+class Gateway:
+    """Follows the topology and owns what the servicer needs besides the scheduler."""
+
+    def __init__(self, opts: GatewayOptions, scheduler: Scheduler, client: CoordinatorClient, health) -> None:
+        self.opts, self.scheduler, self.client, self.health = opts, scheduler, client, health
+        self.topology: cpb.Topology | None = None
+        self.config: ModelConfig | None = None
+        self.codec: TextCodec | None = None
+        self.link: PipelineLink | None = None
+        self.address = ""
+        self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
+
+    # ---- topology ----
+
+    async def follow(self) -> None:
+        async for topology in self.client.topologies():
+            self.topology = topology
+            if topology.ready and (self.link is None or self.link.epoch != topology.epoch):
+                await self._attach(topology)
+            elif not topology.ready and self.link is not None:
+                await self._detach(Unavailable(f"the mesh is not ready: {topology.reason}"))
+            elif not topology.ready:
+                self.scheduler.not_ready = topology.reason
+
+    async def _attach(self, t: cpb.Topology) -> None:
+        if self.link is not None:
+            await self._detach(Unavailable(f"the topology changed (epoch {t.epoch})"))
+        model_dir = self.opts.model_dir or t.plan.model_dir
+        if self.config is None:
+            self.config = ModelConfig.from_dir(model_dir)
+            self.codec = TextCodec.from_dir(model_dir)
+        self.link = PipelineLink(t.stage_addresses[0], t.epoch, self._on_result, self._on_failure)
+        kv = BlockAllocator(t.kv_blocks, t.plan.block_size)
+        max_context = min(t.plan.max_model_len, kv.capacity_tokens)
+        self.scheduler.attach(self.link, kv, t.plan.pp, self.config.vocab_size, max_context, self.config.eos_token_ids)
+        await set_serving(self.health, [SERVICE], True)
+        log.info("attached to the mesh at epoch %d (%d KV blocks)", t.epoch, t.kv_blocks)
+
+    async def _detach(self, error: StagemeshError) -> None:
+        link, self.link = self.link, None
+        self.scheduler.detach(error)
+        await set_serving(self.health, [SERVICE], False)
+        if link is not None:
+            await link.close()
+
+    def _on_result(self, step_id: int, tokens, timings) -> None:
+        self.scheduler.on_result(step_id, tokens)
+
+    def _on_failure(self, error: StagemeshError) -> None:
+        link = self.link
+        asyncio.ensure_future(self._recover(link, error))
+
+    async def _recover(self, failed: PipelineLink | None, error: StagemeshError) -> None:
+        if failed is not self.link:
+            return
+        await self._detach(error)
+        await asyncio.sleep(0.5)
+        if self.link is None and self.topology is not None and self.topology.ready:
+            await self._attach(self.topology)  # the next requests get a fresh stream
+
+    # ---- numbers ----
+
+    def observe_finished(self, seq: Sequence) -> None:
+        pass
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        self._recent = [(t, n) for t, n in self._recent if now - t <= 10.0] + [(now, self.scheduler.tokens_out)]
+        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    async def report(self) -> None:
+        while True:
+            s = self.scheduler
+            report = cpb.GatewayReport(
+                address=self.address, queued=len(s.waiting), running=len(s.running),
+                tokens_per_second=self.tokens_per_second(), kv_blocks_used=s.kv_blocks_used,
+                kv_blocks_total=s.kv.num_blocks if s.kv else 0, requests_total=s.requests_total,
+            )  # fmt: skip
+            try:
+                await self.client.call("ReportGateway", report, timeout=5.0)
+            except StagemeshError as e:
+                log.warning("report: %s", e)
+            await asyncio.sleep(1.0)
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        if self.topology is None or self.config is None:
+            raise Unavailable(f"not ready: {self.scheduler.not_ready}")
+        plan, c = self.topology.plan, self.config
+        return pb.ModelInfoResponse(
+            model_type=c.model_type, architecture=_architecture(plan.model_dir, self.opts.model_dir),
+            vocab_size=c.vocab_size, max_context=self.scheduler.max_context, num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size, tp=plan.tp, pp=plan.pp, ep=plan.ep,
+            stage_layers=[f"{r.first}-{r.end - 1}" for r in plan.stages], dtype=plan.dtype,
+            kv_capacity_tokens=self.scheduler.kv.capacity_tokens if self.scheduler.kv else 0,
+            has_tokenizer=self.codec is not None, eos_token_ids=c.eos_token_ids,
+        )  # fmt: skip
+
+
+def _architecture(plan_dir: str, override: str | None) -> str:
+    import json
+
+    raw = json.loads((Path(override or plan_dir) / "config.json").read_text())
+    return (raw.get("architectures") or [""])[0]
+
+
+async def run_gateway(opts: GatewayOptions) -> None:
+    server, health = create_server()
+    scheduler = Scheduler(opts.limits)
+    client = CoordinatorClient(opts.coordinator)
+    gateway = Gateway(opts, scheduler, client, health)
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler, gateway), server)
+    enable_reflection(server, [SERVICE])
+    advertise = opts.advertise or (socket.gethostname() if opts.host in ("0.0.0.0", "::") else opts.host)
+    gateway.address = f"{advertise}:{bind(server, opts.host, opts.port)}"
+    await client.connect(opts.connect_timeout)
+    await server.start()
+    await set_serving(health, [SERVICE], False)
+    await run_service("gateway", gateway.address, server, background=[gateway.follow(), gateway.report()])

@@ -1,0 +1,190 @@
+"""The stage leader's `Forward` service: steps in, activations to the next stage, tokens back.
+
+Each upstream stream gets a ForwardLink with its own SequenceTable and, unless this is the last stage,
+its own stream to the next stage's leader; results flowing back are relayed upstream in order. Torch
+work runs on the runtime's single compute thread, so TP broadcasts keep one global order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+import torch
+
+from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
+from stagemesh.models.batch import SeqChunk
+from stagemesh.models.requests import SampledToken, SamplingParams
+from stagemesh.proto import stage_pb2 as pb
+from stagemesh.proto import stage_pb2_grpc as pb_grpc
+from stagemesh.proto.rpc import aio_channel, status_code
+from stagemesh.proto.tensor_codec import decode, encode
+from stagemesh.stage_worker.engine import StepWork
+from stagemesh.stage_worker.sequences import SeqRequest, SequenceTable
+
+log = logging.getLogger("stagemesh.stage")
+SERVICE = pb.DESCRIPTOR.services_by_name["Stage"].full_name
+_END = object()
+
+
+class StageServicer(pb_grpc.StageServicer):
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime  # stage_worker.worker.StageRuntime
+
+    async def Forward(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:
+        if not self.runtime.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stage worker is still loading")
+        link = ForwardLink(self.runtime)
+        outbox: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.ensure_future(link.pump(request_iterator, outbox))
+        try:
+            while (item := await outbox.get()) is not _END:
+                if isinstance(item, StagemeshError):
+                    await context.abort(status_code(item), str(item))
+                yield item
+        finally:
+            pump.cancel()
+            await link.close()
+
+
+class ForwardLink:
+    """One upstream stream: its sequences, and its stream to the next stage."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.table = SequenceTable(runtime.num_blocks, runtime.block_size)
+        self.downstream = None
+        self._channel = None
+        self._busy: dict[int, float] = {}  # step_id -> this stage's compute seconds, added to results going up
+        runtime.links.add(self)
+
+    async def pump(self, requests, outbox: asyncio.Queue) -> None:
+        relay = None
+        try:
+            if not self.runtime.engine.is_last:
+                self._open_downstream()
+                relay = asyncio.ensure_future(self._relay(outbox))
+            async for step in requests:
+                await self._handle(step, outbox)
+            if relay is not None:
+                await self.downstream.done_writing()
+                await relay
+            await outbox.put(_END)
+        except StagemeshError as e:
+            await outbox.put(e)
+        except grpc.aio.AioRpcError as e:
+            await outbox.put(self._downstream_error(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: report it on this stream, keep serving others
+            log.exception("step failed")
+            await outbox.put(StagemeshError(f"stage {self.runtime.stage} failed: {e}"))
+        finally:
+            if relay is not None and not relay.done():
+                relay.cancel()
+
+    async def _handle(self, step: pb.Step, outbox: asyncio.Queue) -> None:
+        runtime = self.runtime
+        if step.epoch < runtime.epoch:
+            raise Unavailable(f"topology changed: step from epoch {step.epoch}, the mesh is at epoch {runtime.epoch}")
+        chunks = self.table.apply([seq_request(s) for s in step.seqs], list(step.release))
+        start = time.perf_counter()
+        if chunks:
+            work = step_work(step, chunks, runtime.engine.is_first)
+            runtime.engine.check(work)
+            payload = resolved_step(step, chunks).SerializeToString() if runtime.group else None
+            out = await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.compute, payload, work)
+        else:  # only releases: nothing to compute, but the next stages must forget them too
+            out = [] if runtime.engine.is_last else torch.empty(0, runtime.hidden_size, dtype=runtime.dtype)
+        busy = time.perf_counter() - start
+        if runtime.engine.is_last:
+            timing = pb.StageTiming(stage=runtime.stage, busy_seconds=busy)
+            await outbox.put(pb.StepResult(step_id=step.step_id, tokens=token_messages(chunks, out), timings=[timing]))
+            return
+        self._busy[step.step_id] = busy
+        down = pb.Step(step_id=step.step_id, epoch=step.epoch, seqs=step.seqs, hidden=encode(out), release=step.release)
+        await self.downstream.write(down)
+
+    def _open_downstream(self) -> None:
+        addresses = self.runtime.stage_addresses
+        stage = self.runtime.stage
+        if len(addresses) <= stage + 1:
+            raise Unavailable(f"stage {stage + 1} is not known yet: the mesh is not ready")
+        self._channel = aio_channel(addresses[stage + 1])
+        self.downstream = pb_grpc.StageStub(self._channel).Forward()
+
+    async def _relay(self, outbox: asyncio.Queue) -> None:
+        async for result in self.downstream:
+            busy = self._busy.pop(result.step_id, 0.0)
+            result.timings.append(pb.StageTiming(stage=self.runtime.stage, busy_seconds=busy))
+            await outbox.put(result)
+
+    def _downstream_error(self, e: grpc.aio.AioRpcError) -> StagemeshError:
+        where = f"stage {self.runtime.stage + 1}"
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(f"{where}: {e.details()}")
+        return Unavailable(f"{where} failed ({e.code().name}): {e.details()}")
+
+    async def close(self) -> None:
+        self.runtime.links.discard(self)
+        if self.downstream is not None:
+            self.downstream.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+# ---- protobuf <-> domain ----
+
+
+def seq_request(s: pb.SeqStep) -> SeqRequest:
+    p = s.sampling
+    try:
+        sampling = SamplingParams(p.temperature, p.top_p or 1.0, p.top_k, p.seed, p.logprobs)
+    except StagemeshError as e:
+        raise InvalidArgument(f"sequence {s.seq_id}: {e}") from None
+    return SeqRequest(s.seq_id, s.start_pos, s.num_tokens, tuple(s.block_table), s.wants_token, sampling, s.draw_index)
+
+
+def step_work(step: pb.Step, chunks: list[SeqChunk], is_first: bool) -> StepWork:
+    token_ids = hidden = None
+    if is_first:
+        token_ids = torch.tensor(list(step.token_ids), dtype=torch.long)
+    elif step.HasField("hidden"):
+        hidden = decode(step.hidden)
+    sampling = tuple(
+        (seq_request(s).sampling, s.draw_index) for s in step.seqs if s.wants_token
+    )
+    return StepWork(step.step_id, tuple(chunks), token_ids, hidden, sampling)
+
+
+def resolved_step(step: pb.Step, chunks: list[SeqChunk]) -> pb.Step:
+    """The step with every sequence's block table filled in: all a TP peer needs (it keeps no table)."""
+    seqs = [
+        pb.SeqStep(seq_id=c.seq_id, start_pos=c.start_pos, num_tokens=c.num_tokens, block_table=c.block_table,
+                   wants_token=c.wants_logits)
+        for c in chunks
+    ]  # fmt: skip
+    resolved = pb.Step(step_id=step.step_id, epoch=step.epoch, seqs=seqs, token_ids=step.token_ids)
+    if step.HasField("hidden"):
+        resolved.hidden.CopyFrom(step.hidden)
+    return resolved
+
+
+def peer_work(payload: bytes) -> StepWork:
+    step = pb.Step.FromString(payload)
+    chunks = [SeqChunk(s.seq_id, s.start_pos, s.num_tokens, tuple(s.block_table), s.wants_token) for s in step.seqs]
+    token_ids = torch.tensor(list(step.token_ids), dtype=torch.long) if step.token_ids else None
+    hidden = decode(step.hidden) if step.HasField("hidden") else None
+    return StepWork(step.step_id, tuple(chunks), token_ids, hidden)
+
+
+def token_messages(chunks: list[SeqChunk], tokens: list[SampledToken]) -> list[pb.SeqToken]:
+    wanting = [c for c in chunks if c.wants_logits]
+    return [
+        pb.SeqToken(seq_id=c.seq_id, token_id=t.token_id, logprob=t.logprob,
+                    top=[pb.TokenLogprob(token_id=i, logprob=lp) for i, lp in t.top_logprobs])
+        for c, t in zip(wanting, tokens)
+    ]  # fmt: skip

@@ -1,0 +1,195 @@
+"""A stage worker process: register with the coordinator, join the stage's TP group, load the shard,
+serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.models.engine import parse_dtype
+from stagemesh.models.loader import build_model
+from stagemesh.models.plan import StageSpec
+from stagemesh.models.runner import ModelRunner
+from stagemesh.models.tp import TPRank
+from stagemesh.proto import coordinator_pb2 as cpb
+from stagemesh.proto import stage_pb2_grpc
+from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_service, set_serving
+from stagemesh.stage_worker.engine import StageEngine, StepWork
+from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
+from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
+from stagemesh.units import parse_bytes
+
+log = logging.getLogger("stagemesh.stage")
+
+
+@dataclass(frozen=True)
+class StageWorkerOptions:
+    coordinator: str
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None
+    threads: int | None = None
+    stage: int | None = None
+    tp_rank: int | None = None
+    dist_port: int = 0
+    kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
+    model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
+    connect_timeout: float = 30.0
+    group_timeout: float = 120.0
+
+
+class StageRuntime:
+    """What the Forward service needs: the engine, the TP group, the compute thread and the topology."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.engine: StageEngine | None = None
+        self.group: TPGroup | None = None
+        self.stage = 0
+        self.num_blocks = self.block_size = self.hidden_size = 0
+        self.dtype = torch.float32
+        self.links: set = set()
+        self.epoch = 0
+        self.stage_addresses: tuple[str, ...] = ()
+        self.broken: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def compute(self, payload: bytes | None, work: StepWork):
+        """Runs on the compute thread: broadcast the step to the TP peers, then compute this rank's part."""
+        if self.broken:
+            raise Unavailable(self.broken)
+        try:
+            if self.group is not None:
+                self.group.broadcast(payload)
+            return self.engine.run(work)
+        except RuntimeError as e:  # a collective failed: a peer is gone, this stage cannot compute any more
+            self.broken = f"stage {self.stage}: its tensor-parallel group failed ({e})"
+            raise Unavailable(self.broken) from None
+
+    def stats(self) -> cpb.WorkerStats:
+        engine = self.engine
+        return cpb.WorkerStats(
+            kv_blocks_used=sum(link.table.blocks_used for link in self.links),
+            steps=engine.steps if engine else 0,
+            busy_seconds=engine.busy_seconds if engine else 0.0,
+        )
+
+    def follow_leader(self) -> None:
+        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop."""
+        try:
+            while (payload := self.group.broadcast()) != SHUTDOWN:
+                self.engine.run(peer_work(payload))
+        except RuntimeError as e:
+            raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
+async def run_stage_worker(opts: StageWorkerOptions) -> None:
+    device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    loop = asyncio.get_running_loop()
+    runtime = StageRuntime()
+    server, health = create_server()
+    stage_pb2_grpc.add_StageServicer_to_server(StageServicer(runtime), server)
+    enable_reflection(server, [SERVICE])
+    advertise = opts.advertise or (socket.gethostname() if opts.host in ("0.0.0.0", "::") else opts.host)
+    address = f"{advertise}:{bind(server, opts.host, opts.port)}"
+    await server.start()
+    await set_serving(health, [SERVICE], False)
+
+    client = CoordinatorClient(opts.coordinator)
+    await client.connect(opts.connect_timeout)
+    request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
+    if opts.stage is not None or opts.tp_rank is not None:
+        request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
+    assignment = await client.register(request, timeout=opts.group_timeout + opts.connect_timeout)
+    plan = assignment.plan
+    runtime.stage = assignment.stage
+    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, plan.model_dir)
+
+    def on_epoch(epoch: int) -> None:
+        runtime.epoch = max(runtime.epoch, epoch)
+
+    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, on_epoch))
+    if plan.tp > 1:
+        runtime.group = await _join_group(client, assignment, advertise, opts, device)
+
+    def load() -> StageEngine:
+        layers = plan.stages[assignment.stage]
+        spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
+        tp = runtime.group.tp_rank if runtime.group else TPRank()
+        dtype = parse_dtype(plan.dtype)
+        model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device)
+        per_block = model.kv_bytes_per_block(plan.block_size, dtype)
+        blocks = max(1, _kv_budget(opts.kv_memory, device) // per_block)
+        runtime.num_blocks, runtime.block_size = blocks, plan.block_size
+        runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
+        return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
+
+    engine = await loop.run_in_executor(runtime.executor, load)
+    runtime.engine = engine
+    param_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    await client.call("ReportReady", cpb.ReadyRequest(
+        worker_id=assignment.worker_id, param_bytes=param_bytes, kv_blocks=runtime.num_blocks,
+        kv_bytes_per_block=engine.runner.model.kv_bytes_per_block(plan.block_size, runtime.dtype)))  # fmt: skip
+    await set_serving(health, [SERVICE], True)
+    background = [heartbeat, _watch(client, runtime)]
+    if runtime.group and runtime.group.rank > 0:
+        background.append(loop.run_in_executor(runtime.executor, runtime.follow_leader))
+    code = 0
+    try:
+        await run_service(f"stage-worker stage={assignment.stage} rank={assignment.tp_rank}", address, server, background)
+    except StagemeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    if runtime.group and runtime.group.rank == 0 and not runtime.broken:
+        with contextlib.suppress(Exception):  # peers stopping at the same time need no goodbye
+            await asyncio.wait_for(loop.run_in_executor(runtime.executor, runtime.group.broadcast, SHUTDOWN), 5)
+    exit_process(code)
+
+
+async def _join_group(client: CoordinatorClient, assignment, advertise: str, opts: StageWorkerOptions, device):
+    loop = asyncio.get_running_loop()
+    rank, size = assignment.tp_rank, assignment.plan.tp
+    if rank == 0:
+        store = create_store(opts.host, opts.dist_port, size, opts.group_timeout)
+        await client.call("SetRendezvous", cpb.RendezvousRequest(worker_id=assignment.worker_id,
+                                                                  address=f"{advertise}:{store.port}"))
+        return await loop.run_in_executor(None, TPGroup, rank, size, device, store, opts.group_timeout)
+    return await loop.run_in_executor(None, TPGroup.join, rank, size, assignment.rendezvous, device, opts.group_timeout)
+
+
+async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
+    async for topology in client.topologies():
+        runtime.epoch = max(runtime.epoch, topology.epoch)
+        if topology.ready:
+            runtime.stage_addresses = tuple(topology.stage_addresses)
+
+
+def _kv_budget(kv_memory: str | None, device: torch.device) -> int:
+    if kv_memory is not None:
+        return parse_bytes(kv_memory, "--kv-memory")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 256 * 2**20
