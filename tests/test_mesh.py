@@ -59,3 +59,19 @@ def test_workers_hold_their_share_of_the_parameters(llama_mesh, checkpoint):
     whole = ParallelPlan.build(config).stage_param_count(config, 0, 0) * 8
     replicated = sum(plan.replicated_param_count(config, s.index) for s in plan.stages) * 8
     assert total == whole + (plan.tp - 1) * replicated
+
+
+def test_generate_cli_against_the_mesh_matches_the_reference(llama_mesh, checkpoint):
+    """`stagemesh generate --gateway` prints the same JSON as `stagemesh generate --model`."""
+    import json
+    import subprocess
+    import sys
+
+    common = ["--prompt", "Hello world", "--max-tokens", "12", "--ignore-eos", "--json"]
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "stagemesh.cli", "generate", *args, *common],
+                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        return json.loads(out.stdout)
+
+    assert run("--gateway", llama_mesh.gateway) == run("--model", checkpoint("llama"), "--dtype", "float64")
