@@ -140,13 +140,14 @@ def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_
 @click.option("--kv-memory", help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).")
 @click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
 @click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 def stage_worker_command(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port, kv_memory,
-                         model_dir, connect_timeout) -> None:
+                         model_dir, connect_timeout, metrics_port) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
     from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
 
     opts = StageWorkerOptions(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port,
-                              kv_memory, model_dir, connect_timeout)
+                              kv_memory, model_dir, connect_timeout, metrics_port=metrics_port)
     _serve(run_stage_worker(opts))
 
 
@@ -159,13 +160,16 @@ def stage_worker_command(coordinator, device, host, port, advertise, threads, st
 @click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step (chunked prefill).")
 @click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting for KV space before RESOURCE_EXHAUSTED.")
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
-def gateway_command(coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running) -> None:
+@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+def gateway_command(coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running,
+                    metrics_port) -> None:
     """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
     from stagemesh.gateway.scheduler import SchedulerLimits
     from stagemesh.gateway.service import GatewayOptions, run_gateway
 
     limits = SchedulerLimits(max_step_tokens, max_queue, max_running)
-    _serve(run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits)))
+    _serve(run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits,
+                                      metrics_port=metrics_port)))
 
 
 @main.command("up")
@@ -183,15 +187,19 @@ def gateway_command(coordinator, host, port, advertise, model_dir, max_step_toke
 @click.option("--threads", type=int, help="torch threads per worker (default: cores / workers).")
 @click.option("--kv-memory", help="KV cache budget per worker, e.g. 64MiB.")
 @click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step.")
+@click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting before RESOURCE_EXHAUSTED.")
+@click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
+@click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
 def up_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, device, dtype, threads, kv_memory,
-               max_step_tokens, host, port) -> None:
+               max_step_tokens, max_queue, max_running, metrics_port, host, port) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
     from stagemesh.deploy.launcher import MeshLayout, run_up
 
     run_up(MeshLayout(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, device, threads,
-                      kv_memory, host, port, max_step_tokens=max_step_tokens))
+                      kv_memory, host, port, max_step_tokens=max_step_tokens, max_queue=max_queue,
+                      max_running=max_running, metrics_port=metrics_port))
 
 
 @main.command("health")

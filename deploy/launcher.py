@@ -35,7 +35,9 @@ class MeshLayout:
     port: int = 0  # gateway port
     coordinator_port: int = 0
     max_step_tokens: int = 512
-    extra_worker_args: tuple[str, ...] = ()
+    max_queue: int = 256
+    max_running: int = 256
+    metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
 
     @property
     def workers(self) -> int:
@@ -69,7 +71,7 @@ def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, lis
         for r in range(layout.tp):
             device = _device(layout, s * layout.tp + r)
             argv = ["stage-worker", *common, "--device", device, "--stage", str(s), "--tp-rank", str(r)]
-            commands.append((f"stage-worker stage={s} rank={r}", argv + list(layout.extra_worker_args)))
+            commands.append((f"stage-worker stage={s} rank={r}", argv))
     for e in range(layout.ep):
         device = _device(layout, layout.tp * layout.pp + e)
         argv = ["expert-worker", "--coordinator", coordinator, "--host", layout.host, "--port", "0",
@@ -91,8 +93,12 @@ def coordinator_command(layout: MeshLayout) -> list[str]:
 
 
 def gateway_command(layout: MeshLayout, coordinator: str) -> list[str]:
-    return ["gateway", "--coordinator", coordinator, "--host", layout.host, "--port", str(layout.port),
-            "--max-step-tokens", str(layout.max_step_tokens)]  # fmt: skip
+    argv = ["gateway", "--coordinator", coordinator, "--host", layout.host, "--port", str(layout.port),
+            "--max-step-tokens", str(layout.max_step_tokens), "--max-queue", str(layout.max_queue),
+            "--max-running", str(layout.max_running)]  # fmt: skip
+    if layout.metrics_port is not None:
+        argv += ["--metrics-port", str(layout.metrics_port)]
+    return argv
 
 
 def _die_with_parent() -> None:

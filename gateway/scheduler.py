@@ -61,8 +61,18 @@ class StepSink(Protocol):
     def send(self, step: PlannedStep) -> None: ...
 
 
+class Observer:
+    """Told about tokens and finished requests (gateway.metrics implements it); does nothing by default."""
+
+    def token(self, seq: "Sequence", now: float) -> None:
+        pass
+
+    def finished(self, seq: "Sequence", reason: str, now: float) -> None:
+        pass
+
+
 class Sequence:
-    def __init__(self, seq_id: int, request: GenerationRequest) -> None:
+    def __init__(self, seq_id: int, request: GenerationRequest, submitted_at: float) -> None:
         self.seq_id = seq_id
         self.request = request
         self.tokens = list(request.prompt_ids)  # prompt + generated: the full history (replayable)
@@ -72,8 +82,9 @@ class Sequence:
         self.inflight = False
         self.finish: str | None = None
         self.events: asyncio.Queue = asyncio.Queue()
-        self.submitted_at = time.monotonic()
+        self.submitted_at = submitted_at
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -99,13 +110,14 @@ class Scheduler:
     def __init__(self, limits: SchedulerLimits = SchedulerLimits(), clock: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.clock = clock
+        self.observer = Observer()
         self.sink: StepSink | None = None
         self.kv: BlockAllocator | None = None
         self.max_inflight = 1
         self.vocab_size = 0
         self.max_context = 0
         self.eos_ids: tuple[int, ...] = ()
-        self.not_ready = "the mesh is not ready yet"
+        self.not_ready = "no topology from the coordinator yet"
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.inflight: dict[int, list[int]] = {}
@@ -139,9 +151,12 @@ class Scheduler:
 
     # ---- events ----
 
-    def submit(self, request: GenerationRequest) -> Sequence:
+    def check_ready(self) -> None:
         if self.sink is None:
             raise Unavailable(f"not ready: {self.not_ready}")
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        self.check_ready()
         request.validate(self.vocab_size, self.max_context)
         need = self.kv.blocks_for(len(request.prompt_ids) + request.max_tokens)
         if need > self.kv.num_blocks:
@@ -150,7 +165,7 @@ class Scheduler:
             )
         if len(self.waiting) >= self.limits.max_queue:
             raise ResourceExhausted(f"the queue is full ({self.limits.max_queue} requests waiting); retry later")
-        seq = Sequence(next(self._seq_ids), request)
+        seq = Sequence(next(self._seq_ids), request, self.clock())
         self.waiting.append(seq)
         self.requests_total += 1
         self._schedule()
@@ -179,9 +194,12 @@ class Scheduler:
         self._schedule()
 
     def _append(self, seq: Sequence, token: SampledToken) -> None:
+        now = self.clock()
         seq.tokens.append(token.token_id)
         seq.generated.append(token)
-        seq.first_token_at = seq.first_token_at or self.clock()
+        seq.first_token_at = seq.first_token_at or now
+        self.observer.token(seq, now)
+        seq.last_token_at = now
         self.tokens_out += 1
         seq.events.put_nowait(TokenEvent(token))
         room = self.max_context - len(seq.tokens)
@@ -192,6 +210,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: StagemeshError | None = None) -> None:
         seq.finish = reason
         seq.events.put_nowait(FinishEvent(reason, error))
+        self.observer.finished(seq, reason, self.clock())
         if not seq.inflight:
             self._retire(seq)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 import uuid
 from typing import AsyncIterator
 
@@ -33,6 +32,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     @maps_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        self.scheduler.check_ready()
         req, request_id = to_request(request, self.gateway.codec, self.scheduler.max_context)
         seq = self.scheduler.submit(req)
         output = TextOutput(self.gateway.codec, tuple(request.stop))
@@ -55,7 +55,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     yield response
         finally:
             self.scheduler.cancel(seq)  # the client went away or its deadline passed: free the KV now
-            self.gateway.observe_finished(seq)
 
     @maps_errors
     async def Complete(self, request: pb.GenerateRequest, context) -> pb.CompleteResponse:
@@ -78,7 +77,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         response.finish_reason = FINISH[event.reason]
         if event.error is not None:
             response.error = str(event.error)
-        now = time.monotonic()
+        now = self.scheduler.clock()
         response.usage.CopyFrom(pb.Usage(
             prompt_tokens=seq.prompt_len, completion_tokens=len(seq.generated), seed=seq.request.sampling.seed,
             time_to_first_token=(seq.first_token_at or now) - seq.submitted_at, total_time=now - seq.submitted_at,

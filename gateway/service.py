@@ -13,7 +13,8 @@ from pathlib import Path
 from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.gateway.pipeline import PipelineLink
-from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits, Sequence
+from stagemesh.gateway.metrics import GatewayMetrics
+from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits
 from stagemesh.gateway.server import SERVICE, GenerationServicer
 from stagemesh.gateway.tokenizer import TextCodec
 from stagemesh.models.blocks import BlockAllocator
@@ -22,6 +23,7 @@ from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.proto import generation_pb2 as pb
 from stagemesh.proto import generation_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_service, set_serving
+from stagemesh.telemetry import serve_metrics
 
 log = logging.getLogger("stagemesh.gateway")
 
@@ -35,6 +37,7 @@ class GatewayOptions:
     model_dir: str | None = None  # where this host sees the checkpoint (tokenizer, config), if not the plan's
     limits: SchedulerLimits = SchedulerLimits()
     connect_timeout: float = 30.0
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
 
 
 class Gateway:
@@ -42,6 +45,8 @@ class Gateway:
 
     def __init__(self, opts: GatewayOptions, scheduler: Scheduler, client: CoordinatorClient, health) -> None:
         self.opts, self.scheduler, self.client, self.health = opts, scheduler, client, health
+        self.metrics = GatewayMetrics(scheduler)
+        scheduler.observer = self.metrics
         self.topology: cpb.Topology | None = None
         self.config: ModelConfig | None = None
         self.codec: TextCodec | None = None
@@ -83,6 +88,7 @@ class Gateway:
             await link.close()
 
     def _on_result(self, step_id: int, tokens, timings) -> None:
+        self.metrics.stage_timings(timings)
         self.scheduler.on_result(step_id, tokens)
 
     def _on_failure(self, error: StagemeshError) -> None:
@@ -98,9 +104,6 @@ class Gateway:
             await self._attach(self.topology)  # the next requests get a fresh stream
 
     # ---- numbers ----
-
-    def observe_finished(self, seq: Sequence) -> None:
-        pass
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()
@@ -153,6 +156,8 @@ async def run_gateway(opts: GatewayOptions) -> None:
     advertise = opts.advertise or (socket.gethostname() if opts.host in ("0.0.0.0", "::") else opts.host)
     gateway.address = f"{advertise}:{bind(server, opts.host, opts.port)}"
     await client.connect(opts.connect_timeout)
+    if opts.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", opts.host, serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port))
     await server.start()
     await set_serving(health, [SERVICE], False)
     await run_service("gateway", gateway.address, server, background=[gateway.follow(), gateway.report()])

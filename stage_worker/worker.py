@@ -27,6 +27,7 @@ from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_serv
 from stagemesh.stage_worker.engine import StageEngine, StepWork
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
+from stagemesh.telemetry import serve_metrics, worker_registry
 from stagemesh.units import parse_bytes
 
 log = logging.getLogger("stagemesh.stage")
@@ -47,6 +48,7 @@ class StageWorkerOptions:
     model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
     connect_timeout: float = 30.0
     group_timeout: float = 120.0
+    metrics_port: int | None = None  # Prometheus /metrics (0 = a free one); None = off
 
 
 class StageRuntime:
@@ -131,6 +133,10 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         runtime.epoch = max(runtime.epoch, epoch)
 
     heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, on_epoch))
+    if opts.metrics_port is not None:
+        role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
+        port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", opts.host, port)
     if plan.tp > 1:
         runtime.group = await _join_group(client, assignment, advertise, opts, device)
 

@@ -46,3 +46,26 @@ def hf_reference(checkpoint):
         return cache[key]
 
     return get
+
+
+MESH_LAYOUTS = {
+    "tp1-pp1": ("1", "1", None),
+    "tp2-pp1": ("2", "1", None),
+    "tp1-pp2": ("1", "2", None),
+    "tp2-pp2": ("2", "2", None),
+    "tp1-pp3-uneven": ("1", "3", "0-1,2-2,3-3"),
+}
+
+
+@pytest.fixture(scope="session", params=list(MESH_LAYOUTS))
+def llama_mesh(request, checkpoint):
+    """The tiny Llama served by `stagemesh up` in each layout (float64, 32-token steps so prompts get chunked).
+    Session-scoped: every test of a layout shares one running mesh; pytest groups the tests by layout."""
+    from support import MeshProcess
+
+    tp, pp, layers = MESH_LAYOUTS[request.param]
+    args = ["--tp", tp, "--pp", pp, "--dtype", "float64", "--max-step-tokens", "32", "--metrics-port", "0"]
+    mesh = MeshProcess(checkpoint("llama"), *args, *(["--layers", layers] if layers else []))
+    yield mesh
+    assert mesh.stop() == 0
+    assert not [c for c in mesh.children if c.is_running() and c.status() != "zombie"], "orphaned children"

@@ -1,35 +1,19 @@
-"""The mesh as real processes on loopback: every layout produces Hugging Face's greedy tokens."""
+"""The mesh as real processes on loopback: every layout (the llama_mesh fixture) produces Hugging Face's
+greedy tokens, and its workers hold exactly their share of the weights."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from support import PROMPTS, MeshProcess
+from support import PROMPTS
 
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.gateway.client import AsyncClient, GenerationParams
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import ParallelPlan
 
-LAYOUTS = {
-    "tp1-pp1": ("1", "1", None),
-    "tp2-pp1": ("2", "1", None),
-    "tp1-pp2": ("1", "2", None),
-    "tp2-pp2": ("2", "2", None),
-    "tp1-pp3-uneven": ("1", "3", "0-1,2-2,3-3"),
-}
-MORE_PROMPTS = PROMPTS + [[11, 400, 3], [9] * 30, list(range(100, 160))]
-
-
-@pytest.fixture(scope="session", params=list(LAYOUTS))
-def llama_mesh(request, checkpoint):
-    tp, pp, layers = LAYOUTS[request.param]
-    args = ["--tp", tp, "--pp", pp, "--dtype", "float64"] + (["--layers", layers] if layers else [])
-    mesh = MeshProcess(checkpoint("llama"), *args)
-    yield mesh
-    assert mesh.stop() == 0
-    assert not [c for c in mesh.children if c.is_running() and c.status() != "zombie"], "orphaned children"
+MORE_PROMPTS = PROMPTS + [[11, 400, 3], [9] * 30, list(range(100, 160))]  # 41 and 60 tokens: chunked prefill
 
 
 async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
