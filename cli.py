@@ -151,6 +151,26 @@ def stage_worker_command(coordinator, device, host, port, advertise, threads, st
     _serve(run_stage_worker(opts))
 
 
+@main.command("expert-worker")
+@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
+@click.option("--advertise", help="Host the stages reach this worker at (default: --host).")
+@click.option("--threads", type=int, help="torch threads for this worker.")
+@click.option("--expert-worker-index", type=int, help="Ask for this expert worker role (default: the next free one).")
+@click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+def expert_worker_command(coordinator, device, host, port, advertise, threads, expert_worker_index, model_dir,
+                          connect_timeout, metrics_port) -> None:
+    """Run an expert worker: a subset of the experts of every MoE layer (expert parallelism)."""
+    from stagemesh.expert_worker.worker import ExpertWorkerOptions, run_expert_worker
+
+    _serve(run_expert_worker(ExpertWorkerOptions(coordinator, device, host, port, advertise, threads,
+                                                 expert_worker_index, model_dir, connect_timeout, metrics_port)))
+
+
 @main.command("gateway")
 @click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")

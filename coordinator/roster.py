@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from stagemesh.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -56,8 +56,18 @@ class Topology:
     ready: bool
     reason: str
     stage_addresses: tuple[str, ...]
-    expert_addresses: tuple[str, ...]
     kv_blocks: int
+    expert_addresses: tuple[str, ...] = ()
+    expert_alive: tuple[bool, ...] = ()
+    pipeline_epoch: int = 0
+
+    def pipeline(self) -> tuple:
+        """What steps depend on: a change here invalidates steps in flight."""
+        return self.ready, self.stage_addresses, self.kv_blocks
+
+    def same_as(self, other: "Topology") -> bool:
+        return (self.pipeline(), self.reason, self.expert_addresses, self.expert_alive) == (
+            other.pipeline(), other.reason, other.expert_addresses, other.expert_alive)
 
 
 class Roster:
@@ -77,7 +87,7 @@ class Roster:
         self.workers: dict[str, Worker] = {}
         self.rendezvous: dict[int, str] = {}
         self._ids = itertools.count()
-        self.topology = Topology(0, False, "waiting for workers", (), (), 0)
+        self.topology = Topology(0, False, "waiting for workers", (), 0)
         self._refresh()
 
     # ---- roles ----
@@ -166,7 +176,7 @@ class Roster:
         if worker.state == "down":
             worker.state = "ready" if worker.param_bytes else "registered"
             self._refresh()
-        return self.topology.epoch
+        return self.topology.pipeline_epoch
 
     def sweep(self) -> None:
         """Marks workers silent for longer than the heartbeat timeout as down."""
@@ -180,24 +190,39 @@ class Roster:
     # ---- topology ----
 
     def _refresh(self) -> None:
-        missing = [_describe_role(r) for r in self.roles() if (h := self._holder(r)) is None or h.state != "ready"]
-        down = [f"{_describe_role(w.role)} at {w.address}" for w in self.workers.values() if w.state == "down"]
-        leaders = [self._holder((STAGE, s, 0)) for s in range(self.plan.pp)]
-        experts = [self._holder((EXPERT, e)) for e in range(self.plan.ep)]
-        stage_workers = [w for w in self.workers.values() if w.kind == STAGE and w.state == "ready"]
-        ready = not missing
-        reason = "" if ready else (f"down: {', '.join(down)}" if down else f"waiting for {', '.join(missing)}")
-        candidate = Topology(
-            epoch=self.topology.epoch,
+        candidate = self._derive_topology()
+        if not candidate.same_as(self.topology):
+            old = self.topology
+            epoch = old.epoch + 1
+            pipeline_epoch = epoch if candidate.pipeline() != old.pipeline() else old.pipeline_epoch
+            self.topology = replace(candidate, epoch=epoch, pipeline_epoch=pipeline_epoch)
+            self.on_change()
+
+    def _derive_topology(self) -> Topology:
+        holders = {role: self._holder(role) for role in self.roles()}
+        waiting = [_describe_role(r) for r, h in holders.items() if h is None or h.state == "registered"]
+        down = [f"{_describe_role(r)} at {h.address}" for r, h in holders.items() if h is not None and h.state == "down"]
+        stage_down = [r for r, h in holders.items() if r[0] == STAGE and h is not None and h.state == "down"]
+        experts = [holders[(EXPERT, e)] for e in range(self.plan.ep)]
+        alive = tuple(w is not None and w.state == "ready" for w in experts)
+        uncovered = [x for x in range(self.config.num_local_experts) if self.plan.ep
+                     and not any(alive[w] for w in self.plan.expert_owners(x))]  # fmt: skip
+        ready = not waiting and not stage_down and not uncovered
+        reason = ""
+        if not ready:
+            reason = f"waiting for {', '.join(waiting)}" if waiting else f"down: {', '.join(down)}"
+            if uncovered and not waiting:
+                reason += f" (experts {','.join(map(str, uncovered))} have no live worker)"
+        stages = [w for r, w in holders.items() if r[0] == STAGE and w is not None and w.state == "ready"]
+        return Topology(
+            epoch=0,  # set by _refresh
             ready=ready,
             reason=reason,
-            stage_addresses=tuple(w.address for w in leaders) if ready else (),
-            expert_addresses=tuple(w.address for w in experts) if ready else (),
-            kv_blocks=min((w.kv_blocks for w in stage_workers), default=0) if ready else 0,
+            stage_addresses=tuple(holders[(STAGE, s, 0)].address for s in range(self.plan.pp)) if ready else (),
+            kv_blocks=min(w.kv_blocks for w in stages) if ready else 0,
+            expert_addresses=tuple(w.address if w else "" for w in experts),
+            expert_alive=alive,
         )
-        if candidate != self.topology:
-            self.topology = Topology(**{**candidate.__dict__, "epoch": self.topology.epoch + 1})
-            self.on_change()
 
     def predicted_param_bytes(self, worker: Worker) -> int:
         size = DTYPE_BYTES.get(self.spec.dtype, 4)

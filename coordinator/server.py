@@ -60,7 +60,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.Assignment(
             worker_id=worker.worker_id, kind=worker.kind, stage=worker.stage, tp_rank=worker.tp_rank,
             expert_index=worker.expert_index, plan=plan_message(self.roster), rendezvous=rendezvous,
-            epoch=self.roster.topology.epoch,
+            epoch=self.roster.topology.pipeline_epoch,
         )  # fmt: skip
 
     async def _rendezvous(self, stage: int) -> str:
@@ -134,6 +134,7 @@ def topology_message(roster: Roster, t: Topology) -> pb.Topology:
     return pb.Topology(
         epoch=t.epoch, ready=t.ready, reason=t.reason, plan=plan_message(roster),
         stage_addresses=t.stage_addresses, expert_addresses=t.expert_addresses, kv_blocks=t.kv_blocks,
+        pipeline_epoch=t.pipeline_epoch, expert_alive=t.expert_alive,
     )  # fmt: skip
 
 

@@ -21,7 +21,8 @@ def status_dict(status: pb.ClusterStatus) -> dict:
             "predicted_param_bytes": w.predicted_param_bytes, "kv_blocks_used": w.kv_blocks_used,
             "kv_blocks": w.kv_blocks, "steps": w.steps, "busy_seconds": round(w.busy_seconds, 3),
             "memory_bytes": w.memory_bytes,
-            "expert_load": [MessageToDict(l, preserving_proto_field_name=True) for l in w.expert_load],
+            "expert_load": [{"layer": l.layer, "expert_ids": list(l.expert_ids), "tokens": list(l.tokens)}
+                            for l in w.expert_load],
         })  # fmt: skip
     gateway = None
     if status.gateway_report_age >= 0:

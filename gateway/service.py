@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from stagemesh.models.config import ModelConfig
 from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.proto import generation_pb2 as pb
 from stagemesh.proto import generation_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_service, set_serving
+from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
 from stagemesh.telemetry import serve_metrics
 
 log = logging.getLogger("stagemesh.gateway")
@@ -59,7 +58,7 @@ class Gateway:
     async def follow(self) -> None:
         async for topology in self.client.topologies():
             self.topology = topology
-            if topology.ready and (self.link is None or self.link.epoch != topology.epoch):
+            if topology.ready and (self.link is None or self.link.epoch != topology.pipeline_epoch):
                 await self._attach(topology)
             elif not topology.ready and self.link is not None:
                 await self._detach(Unavailable(f"the mesh is not ready: {topology.reason}"))
@@ -68,17 +67,17 @@ class Gateway:
 
     async def _attach(self, t: cpb.Topology) -> None:
         if self.link is not None:
-            await self._detach(Unavailable(f"the topology changed (epoch {t.epoch})"))
+            await self._detach(Unavailable(f"the pipeline changed (epoch {t.pipeline_epoch})"))
         model_dir = self.opts.model_dir or t.plan.model_dir
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
-        self.link = PipelineLink(t.stage_addresses[0], t.epoch, self._on_result, self._on_failure)
+        self.link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure)
         kv = BlockAllocator(t.kv_blocks, t.plan.block_size)
         max_context = min(t.plan.max_model_len, kv.capacity_tokens)
         self.scheduler.attach(self.link, kv, t.plan.pp, self.config.vocab_size, max_context, self.config.eos_token_ids)
         await set_serving(self.health, [SERVICE], True)
-        log.info("attached to the mesh at epoch %d (%d KV blocks)", t.epoch, t.kv_blocks)
+        log.info("attached to the mesh at pipeline epoch %d (%d KV blocks)", t.pipeline_epoch, t.kv_blocks)
 
     async def _detach(self, error: StagemeshError) -> None:
         link, self.link = self.link, None
@@ -153,7 +152,7 @@ async def run_gateway(opts: GatewayOptions) -> None:
     gateway = Gateway(opts, scheduler, client, health)
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler, gateway), server)
     enable_reflection(server, [SERVICE])
-    advertise = opts.advertise or (socket.gethostname() if opts.host in ("0.0.0.0", "::") else opts.host)
+    advertise = advertised_host(opts.host, opts.advertise)
     gateway.address = f"{advertise}:{bind(server, opts.host, opts.port)}"
     await client.connect(opts.connect_timeout)
     if opts.metrics_port is not None:

@@ -159,21 +159,21 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(len(expert_ids), hidden, intermediate))  # (E, D, I)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, D), ids / weights (T, K) with ids local to this group -> weighted sum (T, D)."""
+        """x (T, D), ids / weights (T, K) with ids local to this group (-1: not here) -> weighted sum (T, D)."""
         k = ids.shape[1]
-        flat = ids.reshape(-1)  # (T*K,)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.expert_ids)).tolist()
-        flat_weights = weights.reshape(-1)
+        flat, flat_weights = ids.reshape(-1), weights.reshape(-1)  # (T*K,)
+        picks = (flat >= 0).nonzero()[:, 0]  # routing-table positions this group serves
+        picks = picks[flat[picks].argsort(stable=True)]  # grouped by expert
+        counts = torch.bincount(flat[picks], minlength=len(self.expert_ids)).tolist()
         out = torch.zeros_like(x)
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            picks = order[start : start + count]  # (Te,) positions in the (T*K) routing table
+            rows = picks[start : start + count]  # (Te,)
             start += count
-            tokens = picks // k
-            y = self.expert_forward(e, x[tokens]) * flat_weights[picks, None]  # (Te, D)
+            tokens = rows // k
+            y = self.expert_forward(e, x[tokens]) * flat_weights[rows, None]  # (Te, D)
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -190,8 +191,12 @@ def build_model(
     tp: TPRank = TPRank(),
     dtype: torch.dtype = torch.float32,
     device="cpu",
+    remote_experts: Callable[[int], nn.Module] | None = None,
 ) -> tuple[Transformer, CheckpointReader]:
-    """Builds the slice of the model `stage` owns (all of it when None), shards it for `tp` and loads it."""
+    """Builds the slice of the model `stage` owns (all of it when None), shards it for `tp` and loads it.
+
+    remote_experts(layer) replaces each MoE layer's experts (expert parallelism: the stage keeps the router).
+    """
     reader = CheckpointReader(path)
     config = reader.config
     with torch.device("meta"):
@@ -199,6 +204,26 @@ def build_model(
             model = Transformer(config)
         else:
             model = Transformer(config, stage.layers, stage.has_embedding, stage.has_head)
+        if remote_experts is not None and config.is_moe:
+            for index, layer in model.layers.items():
+                layer.mlp.experts = remote_experts(int(index))
         apply_tensor_parallel(model, tp)
     load_shard(model, reader, tp, dtype, device)
     return model.eval(), reader
+
+
+def load_experts(
+    path: str | Path, expert_ids: list[int], dtype: torch.dtype = torch.float32, device="cpu"
+) -> tuple[nn.ModuleDict, CheckpointReader]:
+    """Only the experts `expert_ids` of every MoE layer (an expert worker's share): {"layer": Experts}."""
+    reader = CheckpointReader(path)
+    config = reader.config
+    with torch.device("meta"):
+        layers = nn.ModuleDict({
+            str(i): nn.ModuleDict({"mlp": nn.ModuleDict({"experts": Experts(expert_ids, config.hidden_size,
+                                                                             config.intermediate_size)})})
+            for i in range(config.num_hidden_layers)
+        })  # fmt: skip
+        holder = nn.ModuleDict({"layers": layers})  # parameter names match the checkpoint's: layers.{i}.mlp.experts.*
+    load_shard(holder, reader, TPRank(), dtype, device)
+    return nn.ModuleDict({i: layers[i]["mlp"]["experts"] for i in layers}), reader

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagemesh.models.config import ModelConfig
+from stagemesh.models.layers import Experts
 from stagemesh.models.plan import kv_head_range, kv_heads_per_rank, shard_range, vocab_range
 from stagemesh.models.transformer import Transformer
 
@@ -77,10 +78,11 @@ def apply_tensor_parallel(model: Transformer, tp: TPRank) -> None:
         mlp = layer.mlp
         inter = config.intermediate_size // tp.size
         if config.is_moe:
-            experts = mlp.experts
-            experts.w13 = nn.Parameter(torch.empty(len(experts.expert_ids), 2 * inter, config.hidden_size))
-            experts.w2 = nn.Parameter(torch.empty(len(experts.expert_ids), config.hidden_size, inter))
-            mlp.register_forward_hook(_all_reduce_hook(tp.group))
+            if isinstance(mlp.experts, Experts):  # remote experts (expert workers) gather their own results
+                experts = mlp.experts
+                experts.w13 = nn.Parameter(torch.empty(len(experts.expert_ids), 2 * inter, config.hidden_size))
+                experts.w2 = nn.Parameter(torch.empty(len(experts.expert_ids), config.hidden_size, inter))
+                mlp.register_forward_hook(_all_reduce_hook(tp.group))
         else:
             _resize_linear(mlp.gate_up_proj, out_features=2 * inter)
             _make_row_parallel(mlp.down_proj, inter, tp)

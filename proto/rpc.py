@@ -75,6 +75,13 @@ async def set_serving(health_servicer, service_names: list[str], serving: bool) 
         await health_servicer.set(name, status)
 
 
+def advertised_host(host: str, advertise: str | None) -> str:
+    """The host others should dial: --advertise, else the bind host, else (wildcard bind) this hostname."""
+    import socket
+
+    return advertise or (socket.gethostname() if host in ("0.0.0.0", "::", "") else host)
+
+
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Binds host:port (0 = a free port) and returns the port actually bound."""
     bound = server.add_insecure_port(f"{host}:{port}")

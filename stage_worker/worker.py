@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from stagemesh.models.runner import ModelRunner
 from stagemesh.models.tp import TPRank
 from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.proto import stage_pb2_grpc
-from stagemesh.proto.rpc import bind, create_server, enable_reflection, run_service, set_serving
+from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
 from stagemesh.stage_worker.engine import StageEngine, StepWork
+from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
@@ -64,6 +64,7 @@ class StageRuntime:
         self.links: set = set()
         self.epoch = 0
         self.stage_addresses: tuple[str, ...] = ()
+        self.experts = ExpertDirectory()
         self.broken: str | None = None
 
     @property
@@ -94,7 +95,10 @@ class StageRuntime:
         """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop."""
         try:
             while (payload := self.group.broadcast()) != SHUTDOWN:
-                self.engine.run(peer_work(payload))
+                try:
+                    self.engine.run(peer_work(payload))
+                except StagemeshError as e:  # the leader fails the same step the same way (see expert_router)
+                    log.warning("step failed: %s", e)
         except RuntimeError as e:
             raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
 
@@ -114,7 +118,7 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     server, health = create_server()
     stage_pb2_grpc.add_StageServicer_to_server(StageServicer(runtime), server)
     enable_reflection(server, [SERVICE])
-    advertise = opts.advertise or (socket.gethostname() if opts.host in ("0.0.0.0", "::") else opts.host)
+    advertise = advertised_host(opts.host, opts.advertise)
     address = f"{advertise}:{bind(server, opts.host, opts.port)}"
     await server.start()
     await set_serving(health, [SERVICE], False)
@@ -145,7 +149,8 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
         tp = runtime.group.tp_rank if runtime.group else TPRank()
         dtype = parse_dtype(plan.dtype)
-        model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device)
+        remote = _remote_experts(plan, runtime, tp) if plan.ep else None
+        model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
         per_block = model.kv_bytes_per_block(plan.block_size, dtype)
         blocks = max(1, _kv_budget(opts.kv_memory, device) // per_block)
         runtime.num_blocks, runtime.block_size = blocks, plan.block_size
@@ -174,6 +179,14 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     exit_process(code)
 
 
+def _remote_experts(plan, runtime: StageRuntime, tp: TPRank):
+    """The factory that puts a RemoteExperts in each MoE layer (expert parallelism)."""
+    groups = [set(g.expert_ids) for g in plan.expert_groups]
+    owners = [[w for w, g in enumerate(groups) if e in g] for e in range(max(max(g) for g in groups) + 1)]
+    pool = ExpertPool(lambda: runtime.experts)
+    return lambda layer: RemoteExperts(layer, owners, pool, tp)
+
+
 async def _join_group(client: CoordinatorClient, assignment, advertise: str, opts: StageWorkerOptions, device):
     loop = asyncio.get_running_loop()
     rank, size = assignment.tp_rank, assignment.plan.tp
@@ -187,7 +200,8 @@ async def _join_group(client: CoordinatorClient, assignment, advertise: str, opt
 
 async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
     async for topology in client.topologies():
-        runtime.epoch = max(runtime.epoch, topology.epoch)
+        runtime.epoch = max(runtime.epoch, topology.pipeline_epoch)
+        runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:
             runtime.stage_addresses = tuple(topology.stage_addresses)
 

@@ -63,7 +63,7 @@ def mesh(checkpoint):
 def _stage(mesh, index: int):
     """The stage leader's address, the last KV block (the gateway allocates from 0 up) and the epoch."""
     t = cluster_status(mesh.coordinator).topology
-    return t.stage_addresses[index], t.kv_blocks - 1, t.epoch
+    return t.stage_addresses[index], t.kv_blocks - 1, t.pipeline_epoch
 
 
 def _forward(address: str, steps: list[pb.Step]) -> list[pb.StepResult]:

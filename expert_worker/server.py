@@ -1,0 +1,31 @@
+"""The expert worker's `Experts` service: decode, one call into the ExpertEngine (off the event loop), encode."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from stagemesh.errors import Unavailable
+from stagemesh.proto import expert_pb2 as pb
+from stagemesh.proto import expert_pb2_grpc as pb_grpc
+from stagemesh.proto.rpc import maps_errors
+from stagemesh.proto.tensor_codec import decode, encode
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Experts"].full_name
+
+
+class ExpertsServicer(pb_grpc.ExpertsServicer):
+    def __init__(self) -> None:
+        self.engine = None  # set once the experts are loaded
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="experts")
+
+    @maps_errors
+    async def Compute(self, request: pb.ExpertRequest, context) -> pb.ExpertReply:
+        engine = self.engine
+        if engine is None:
+            raise Unavailable("expert worker is still loading")
+        hidden, ids, weights = decode(request.hidden), decode(request.expert_ids), decode(request.weights)
+        engine.check(request.layer, hidden, ids, weights)
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.executor, engine.compute, request.layer, hidden, ids, weights)
+        return pb.ExpertReply(output=encode(out))

@@ -1,0 +1,86 @@
+"""An expert worker process: register with the coordinator, load only its experts of every MoE layer,
+serve `Experts.Compute`, and report tokens per expert per layer in its heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.expert_worker.engine import ExpertEngine
+from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
+from stagemesh.models.config import ModelConfig
+from stagemesh.models.engine import parse_dtype
+from stagemesh.models.loader import load_experts
+from stagemesh.proto import coordinator_pb2 as cpb
+from stagemesh.proto import expert_pb2_grpc
+from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
+from stagemesh.stage_worker.worker import device_memory
+from stagemesh.telemetry import serve_metrics, worker_registry
+
+log = logging.getLogger("stagemesh.experts")
+
+
+@dataclass(frozen=True)
+class ExpertWorkerOptions:
+    coordinator: str
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None
+    threads: int | None = None
+    expert_worker_index: int | None = None
+    model_dir: str | None = None
+    connect_timeout: float = 30.0
+    metrics_port: int | None = None
+
+
+def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:
+    if engine is None:
+        return cpb.WorkerStats()
+    load = [cpb.ExpertLoad(layer=layer, tokens=row.tolist(), expert_ids=engine.expert_ids)
+            for layer, row in enumerate(engine.tokens)]  # fmt: skip
+    return cpb.WorkerStats(steps=engine.calls, busy_seconds=engine.busy_seconds, expert_load=load)
+
+
+async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
+    device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    servicer = ExpertsServicer()
+    server, health = create_server()
+    expert_pb2_grpc.add_ExpertsServicer_to_server(servicer, server)
+    enable_reflection(server, [SERVICE])
+    address = f"{advertised_host(opts.host, opts.advertise)}:{bind(server, opts.host, opts.port)}"
+    await server.start()
+    await set_serving(health, [SERVICE], False)
+
+    client = CoordinatorClient(opts.coordinator)
+    await client.connect(opts.connect_timeout)
+    request = cpb.RegisterRequest(kind="expert", address=address, device=str(device), memory_bytes=device_memory(device))
+    if opts.expert_worker_index is not None:
+        request.expert_index = opts.expert_worker_index
+    assignment = await client.register(request, timeout=opts.connect_timeout)
+    plan = assignment.plan
+    expert_ids = list(plan.expert_groups[assignment.expert_index].expert_ids)
+    log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)
+    stats = lambda: expert_stats(servicer.engine)  # noqa: E731
+    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, stats, lambda epoch: None))
+    if opts.metrics_port is not None:
+        role = {"expert_worker": str(assignment.expert_index)}
+        log.info("metrics on port %d", serve_metrics(worker_registry(stats, role), opts.host, opts.metrics_port))
+
+    def load() -> ExpertEngine:
+        model_dir = opts.model_dir or plan.model_dir
+        layers, _ = load_experts(model_dir, expert_ids, parse_dtype(plan.dtype), device)
+        return ExpertEngine(layers, ModelConfig.from_dir(model_dir).num_local_experts, plan.hidden_size)
+
+    engine = await asyncio.get_running_loop().run_in_executor(servicer.executor, load)
+    servicer.engine = engine
+    param_bytes = sum(p.numel() * p.element_size() for p in engine.layers.parameters())
+    await client.call("ReportReady", cpb.ReadyRequest(worker_id=assignment.worker_id, param_bytes=param_bytes))
+    await set_serving(health, [SERVICE], True)
+    await run_service(f"expert-worker index={assignment.expert_index}", address, server, [heartbeat])

@@ -1,0 +1,171 @@
+"""Expert parallelism: Mixtral served with expert workers equals Hugging Face, each worker holds only its
+experts, replicas absorb a dead worker, bad dispatches get INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+from click.testing import CliRunner
+from support import PROMPTS, MeshProcess
+
+from stagemesh.cli import main
+from stagemesh.coordinator.client import cluster_status
+from stagemesh.coordinator.status import expert_imbalance, status_dict
+from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
+from stagemesh.models.config import ModelConfig
+from stagemesh.models.plan import ParallelPlan
+from stagemesh.proto import expert_pb2 as pb
+from stagemesh.proto import expert_pb2_grpc
+from stagemesh.proto.rpc import channel
+from stagemesh.proto.tensor_codec import encode
+
+LAYOUTS = {  # (tp, pp, ep)
+    "tp1-pp1-ep1": ("1", "1", "1"),
+    "tp1-pp2-ep2": ("1", "2", "2"),
+    "tp2-pp1-ep4": ("2", "1", "4"),
+    "tp2-pp2-ep3-uneven": ("2", "2", "3"),  # 8 experts over 3 workers: 3, 3, 2
+}
+MOE_PROMPTS = PROMPTS + [[11, 400, 3], list(range(100, 160))]
+
+
+@pytest.fixture(scope="session", params=list(LAYOUTS))
+def mixtral_mesh(request, checkpoint):
+    tp, pp, ep = LAYOUTS[request.param]
+    mesh = MeshProcess(checkpoint("mixtral"), "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float64",
+                       "--max-step-tokens", "32")  # fmt: skip
+    yield mesh
+    assert mesh.stop() == 0
+
+
+async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    async with AsyncClient(address, timeout=300) as client:
+        results = await asyncio.gather(
+            *(client.generate(GenerationParams(p, max_tokens=max_tokens, ignore_eos=True)) for p in prompts))
+    return [r.token_ids for r in results]
+
+
+def test_concurrent_greedy_equals_transformers(mixtral_mesh, hf_reference):
+    outputs = asyncio.run(_generate_all(mixtral_mesh.gateway, MOE_PROMPTS, 20))
+    for prompt, tokens in zip(MOE_PROMPTS, outputs):
+        assert tokens == hf_reference("mixtral", prompt, 20)
+
+
+def test_each_expert_worker_holds_only_its_experts(mixtral_mesh, checkpoint):
+    status = cluster_status(mixtral_mesh.coordinator)
+    t = status.topology.plan
+    config = ModelConfig.from_dir(checkpoint("mixtral"))
+    plan = ParallelPlan.build(config, t.tp, t.pp, t.ep)
+    experts = [w for w in status.workers if w.kind == "expert"]
+    assert sorted(w.expert_index for w in experts) == list(range(plan.ep))
+    per_expert = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers * 8  # float64
+    for w in experts:
+        held = plan.expert_groups[w.expert_index]
+        assert w.param_bytes == len(held) * per_expert == plan.expert_param_count(config, w.expert_index) * 8
+        assert w.role == f"expert worker {w.expert_index}: experts {','.join(map(str, held))}"
+    for w in status.workers:  # the stages keep only the routers of their MoE layers
+        if w.kind == "stage":
+            assert w.param_bytes == plan.stage_param_count(config, w.stage, w.tp_rank) * 8
+
+
+def test_expert_load_is_counted_and_shown(mixtral_mesh):
+    with Client(mixtral_mesh.gateway, timeout=60) as client:
+        client.generate(GenerationParams([5, 9, 23, 42], max_tokens=8, ignore_eos=True))
+    time.sleep(1.5)  # one heartbeat
+    data = status_dict(cluster_status(mixtral_mesh.coordinator))
+    load = [l for w in data["workers"] for l in w["expert_load"]]
+    tokens = sum(t for l in load for t in l["tokens"])
+    assert tokens > 0 and expert_imbalance(load) >= 1.0
+    assert {l["layer"] for l in load} == {0, 1, 2, 3}
+    result = CliRunner().invoke(__import__("stagemesh.coordinator.cli", fromlist=["main"]).main,
+                                ["status", "--coordinator", mixtral_mesh.coordinator])  # fmt: skip
+    assert "expert load imbalance (max / mean tokens per expert)" in result.output
+
+
+@pytest.fixture(scope="module")
+def replicated(checkpoint):
+    """ep=3 with every expert on two workers."""
+    mesh = MeshProcess(checkpoint("mixtral"), "--ep", "3", "--expert-replicas", "all=2", "--dtype", "float64")
+    yield mesh
+    mesh.stop()
+
+
+def _expert_address(mesh, index: int) -> str:
+    return cluster_status(mesh.coordinator).topology.expert_addresses[index]
+
+
+@pytest.mark.parametrize(
+    "hidden,ids,message",
+    [
+        (torch.randn(2, 64, dtype=torch.float64), [[0, 4], [1, -1]], "expert 4 is not held by this worker (it holds 0,1,2,6,7)"),
+        (torch.randn(2, 32, dtype=torch.float64), [[0, -1], [1, -1]], "hidden states must be (tokens, 64)"),
+        (torch.randn(2, 64, dtype=torch.float32), [[0, -1], [1, -1]], "hidden states must be float64"),
+    ],
+)
+def test_bad_dispatch_is_invalid_argument_and_the_worker_keeps_serving(replicated, hidden, ids, message):
+    request = pb.ExpertRequest(layer=0, hidden=encode(hidden), expert_ids=encode(torch.tensor(ids)),
+                               weights=encode(torch.full((2, 2), 0.5)))  # fmt: skip
+    with channel(_expert_address(replicated, 0)) as ch:  # all=2 over ep=3: worker 0 holds 0,1,2 and copies of 6,7
+        stub = expert_pb2_grpc.ExpertsStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compute(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+        good = pb.ExpertRequest(layer=0, hidden=encode(torch.randn(2, 64, dtype=torch.float64)),
+                                expert_ids=encode(torch.tensor([[0, 1], [2, -1]])),
+                                weights=encode(torch.full((2, 2), 0.5)))  # fmt: skip
+        assert list(stub.Compute(good, timeout=30).output.shape) == [2, 64]
+
+
+def test_killing_a_replica_mid_stream_loses_nothing(replicated, hf_reference):
+    prompts = [[5, 9, 23, 42, 7], list(range(3, 20)), [11, 400, 3]]
+
+    async def run():
+        async with AsyncClient(replicated.gateway, timeout=300) as client:
+            streams = [client.stream(GenerationParams(p, max_tokens=150, ignore_eos=True)) for p in prompts]
+            firsts = [await s.__anext__() for s in streams]
+            replicated.child("--expert-worker-index 1").kill()
+            results = []
+            for first, stream in zip(firsts, streams):
+                tokens = list(first.token_ids)
+                async for chunk in stream:
+                    tokens.extend(chunk.token_ids)
+                results.append(tokens)
+            return results
+
+    for prompt, tokens in zip(prompts, asyncio.run(run())):
+        assert tokens == hf_reference("mixtral", prompt, 150)
+    with Client(replicated.gateway, timeout=60) as client:  # and new requests keep working
+        assert client.generate(GenerationParams(prompts[0], max_tokens=10, ignore_eos=True)).token_ids == \
+            hf_reference("mixtral", prompts[0], 10)
+
+
+def test_a_dead_expert_without_replica_fails_steps_with_unavailable(checkpoint):
+    mesh = MeshProcess(checkpoint("mixtral"), "--ep", "2")
+    try:
+        with Client(mesh.gateway, timeout=60) as client:
+            stream = client.stream(GenerationParams([5, 9, 23], max_tokens=400, ignore_eos=True))
+            next(stream)
+            mesh.child("--expert-worker-index 0").kill()
+            start = time.monotonic()
+            with pytest.raises(GatewayError) as e:
+                for _ in stream:
+                    pass
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 10
+            assert "expert" in e.value.details
+    finally:
+        mesh.stop()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ep", "9"], "ep=9 exceeds num_local_experts=8"),
+        (["--ep", "2", "--expert-replicas", "1=3"], "needs ep >= 3"),
+    ],
+)
+def test_impossible_expert_layouts_are_refused_at_start(checkpoint, args, message):
+    result = CliRunner().invoke(main, ["coordinator", "--model", checkpoint("mixtral"), *args])
+    assert result.exit_code == 2 and message in result.output
