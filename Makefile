@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/stagemesh make-checkpoint --arch llama --preset small --out $(DEMO_MODEL)
-	$(BIN)/stagemesh generate --model $(DEMO_MODEL) --prompt "The mesh splits a model" --max-tokens 32
+	$(BIN)/stagemesh demo --model $(DEMO_MODEL) --tp 2 --pp 2
 
 test: install
 	$(BIN)/python -m pytest

@@ -22,6 +22,33 @@ class StagemeshGroup(click.Group):
             ctx.exit(2)
 
 
+def security_options(command):
+    """--tls-cert/--tls-key/--tls-ca, --cluster-token, --client-token, --insecure (also STAGEMESH_* variables);
+    they configure this process and are inherited by the processes it starts."""
+    import functools
+
+    options = [
+        click.option("--tls-cert", envvar="STAGEMESH_TLS_CERT", help="This component's certificate (PEM): mutual TLS."),
+        click.option("--tls-key", envvar="STAGEMESH_TLS_KEY", help="Its private key (PEM)."),
+        click.option("--tls-ca", envvar="STAGEMESH_TLS_CA", help="The cluster CA certificate peers must be signed by."),
+        click.option("--cluster-token", envvar="STAGEMESH_CLUSTER_TOKEN", help="Bearer token of internal services."),
+        click.option("--client-token", envvar="STAGEMESH_CLIENT_TOKEN", help="Bearer token of the public API."),
+        click.option("--insecure", is_flag=True, envvar="STAGEMESH_INSECURE",
+                     help="Allow listening beyond loopback with neither TLS nor a token."),
+    ]  # fmt: skip
+
+    @functools.wraps(command)
+    def configured(*args, tls_cert, tls_key, tls_ca, cluster_token, client_token, insecure, **kwargs):
+        from stagemesh.proto.security import Security, configure
+
+        configure(Security(tls_cert, tls_key, tls_ca, cluster_token, client_token, insecure))
+        return command(*args, **kwargs)
+
+    for option in reversed(options):
+        configured = option(configured)
+    return configured
+
+
 @click.group(cls=StagemeshGroup)
 @click.version_option(package_name="stagemesh")
 def main() -> None:
@@ -71,6 +98,7 @@ def _ids(text: str | None) -> list[int] | None:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait (gateway only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@security_options
 def generate_command(model_dir, gateway, prompt, prompt_ids, max_tokens, dtype, device, temperature, top_p,
                      top_k, seed, ignore_eos, timeout, as_json) -> None:
     """Generate from a checkpoint (reference engine) or from a running mesh (--gateway)."""
@@ -115,6 +143,7 @@ def _serve(coro) -> None:
 @click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one, printed when ready).")
 @click.option("--heartbeat-timeout", type=float, default=5.0, show_default=True,
               help="Seconds of silence before a worker is marked down.")
+@security_options
 def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, block_size,
                         max_model_len, host, port, heartbeat_timeout) -> None:
     """Run the coordinator: validate the plan, assign roles to workers, publish the topology."""
@@ -141,6 +170,7 @@ def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_
 @click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
 @click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+@security_options
 def stage_worker_command(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port, kv_memory,
                          model_dir, connect_timeout, metrics_port) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
@@ -162,6 +192,7 @@ def stage_worker_command(coordinator, device, host, port, advertise, threads, st
 @click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
 @click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+@security_options
 def expert_worker_command(coordinator, device, host, port, advertise, threads, expert_worker_index, model_dir,
                           connect_timeout, metrics_port) -> None:
     """Run an expert worker: a subset of the experts of every MoE layer (expert parallelism)."""
@@ -181,6 +212,7 @@ def expert_worker_command(coordinator, device, host, port, advertise, threads, e
 @click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting for KV space before RESOURCE_EXHAUSTED.")
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+@security_options
 def gateway_command(coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running,
                     metrics_port) -> None:
     """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
@@ -193,7 +225,9 @@ def gateway_command(coordinator, host, port, advertise, model_dir, max_step_toke
 
 
 @main.command("up")
-@click.option("--model", "model_dir", required=True, help="Checkpoint directory.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="Cluster description (YAML): run all its hosts' services here, instead of the flags below.")
+@click.option("--model", "model_dir", help="Checkpoint directory (required without --config).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
 @click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE).")
@@ -212,20 +246,82 @@ def gateway_command(coordinator, host, port, advertise, model_dir, max_step_toke
 @click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
-def up_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, device, dtype, threads, kv_memory,
-               max_step_tokens, max_queue, max_running, metrics_port, host, port) -> None:
+@security_options
+def up_command(config, model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, device, dtype, threads,
+               kv_memory, max_step_tokens, max_queue, max_running, metrics_port, host, port) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
-    from stagemesh.deploy.launcher import MeshLayout, run_up
+    from stagemesh.deploy.launcher import MeshLayout, run_cluster_up, run_up
 
+    if config is not None:
+        _refuse_besides_config(click.get_current_context())
+        return run_cluster_up(config)
+    if model_dir is None:
+        raise click.UsageError("give --model DIR (or --config FILE)")
     run_up(MeshLayout(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, device, threads,
                       kv_memory, host, port, max_step_tokens=max_step_tokens, max_queue=max_queue,
                       max_running=max_running, metrics_port=metrics_port))
+
+
+_LAYOUT_PARAMS = ("model_dir", "tp", "pp", "ep", "layers", "expert_placement", "expert_replicas", "device", "dtype",
+                  "threads", "kv_memory", "max_step_tokens", "max_queue", "max_running", "metrics_port", "host", "port")
+
+
+def _refuse_besides_config(ctx: click.Context) -> None:
+    """`up --config` takes the layout from the file; a layout flag beside it would be silently ignored."""
+    from click.core import ParameterSource
+
+    for param in ctx.command.params:
+        if param.name in _LAYOUT_PARAMS and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--config describes the whole mesh: drop {param.opts[0]} (or edit the file)")
+
+
+@main.command("compose")
+@click.option("--config", required=True, type=click.Path(dir_okay=False), help="Cluster description (YAML).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write into (default: the description's).")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 when the folder's files differ from a fresh render.")
+def compose_command(config, out, check) -> None:
+    """Render a cluster description as compose files (one per host) and the .env that holds their settings."""
+    from stagemesh.deploy.compose import run_compose
+
+    sys.exit(run_compose(config, out, check))
+
+
+@main.command("demo")
+@click.option("--model", "model_dir", required=True, help="Checkpoint directory (see make-checkpoint).")
+@click.option("--tp", type=int, default=2, show_default=True, help="Tensor-parallel ranks per stage.")
+@click.option("--pp", type=int, default=2, show_default=True, help="Pipeline stages.")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens per demo request.")
+@security_options
+def demo_command(model_dir, tp, pp, max_tokens) -> None:
+    """Start the local mesh, show its status, stream a few requests at once, stop."""
+    from stagemesh.deploy.demo import run_demo
+    from stagemesh.deploy.launcher import MeshLayout
+
+    run_demo(MeshLayout(model_dir, tp, pp, threads=1, kv_memory="64MiB"), max_tokens)
+
+
+@main.command("certs")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write into.")
+@click.option("--names", default="coordinator,gateway,worker,client", show_default=True,
+              help="Comma-separated component names: one certificate each.")
+@click.option("--hosts", default="localhost,127.0.0.1", show_default=True,
+              help="Comma-separated host names and IP addresses every certificate is valid for.")
+@click.option("--days", type=int, default=365, show_default=True, help="Validity.")
+@click.option("--cluster", default="stagemesh", show_default=True, help="Cluster name in the certificates.")
+def certs_command(out, names, hosts, days, cluster) -> None:
+    """Make a CA and per-component certificates for mutual TLS (--tls-cert/--tls-key/--tls-ca)."""
+    from stagemesh.deploy.certs import make_certs
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    for path in make_certs(out, split(names), split(hosts), days, cluster):
+        click.echo(f"wrote {path}")
 
 
 @main.command("health")
 @click.argument("address")
 @click.option("--service", default="", help="Service name to check (default: the server as a whole).")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@security_options
 def health_command(address, service, timeout) -> None:
     """Exit 0 when the gRPC server at ADDRESS reports SERVING (grpc.health.v1), 1 otherwise."""
     from stagemesh.proto.rpc import check_health

@@ -1,7 +1,8 @@
 """`stagemesh up`: the whole mesh as real subprocesses on this host — coordinator, tp*pp stage workers,
 expert workers, gateway — started in order, watched, and stopped together (no orphans, ports released).
 
-The commands are the same `stagemesh ...` commands the compose files run (see `service_commands`).
+The command builders here are the only copy of the services' flag lists: `deploy/cluster.py` builds the
+compose services (and `stagemesh up --config`) from them too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from stagemesh.errors import Unavailable
 
@@ -61,22 +63,49 @@ def _device(layout: MeshLayout, index: int) -> str:
     return f"cuda:{index % max(1, torch.cuda.device_count())}"
 
 
+@dataclass(frozen=True)
+class WorkerSite:
+    """Where one worker runs: its device, the address it listens on, and the address others dial."""
+
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None  # default: --host
+    dist_port: int | None = None  # TP rank 0's rendezvous store port; None = the worker's default (a free one)
+
+
+def _site_flags(site: WorkerSite) -> list[str]:
+    flags = ["--host", site.host, "--port", str(site.port)]
+    return flags + (["--advertise", site.advertise] if site.advertise else [])
+
+
+def stage_worker_command(layout: MeshLayout, coordinator: str, stage: int, rank: int, site: WorkerSite,
+                         threads: int | None) -> list[str]:  # fmt: skip
+    argv = ["stage-worker", "--coordinator", coordinator, *_site_flags(site)]
+    argv += ["--threads", str(threads)] if threads else []
+    argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
+    argv += ["--device", site.device, "--stage", str(stage), "--tp-rank", str(rank)]
+    return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
+
+
+def expert_worker_command(layout: MeshLayout, coordinator: str, index: int, site: WorkerSite,
+                          threads: int | None) -> list[str]:  # fmt: skip
+    argv = ["expert-worker", "--coordinator", coordinator, *_site_flags(site)]
+    argv += ["--threads", str(threads)] if threads else []
+    return argv + ["--device", site.device, "--expert-worker-index", str(index)]
+
+
 def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
     threads = layout.threads or max(1, (os.cpu_count() or 1) // max(1, layout.workers))
-    common = ["--coordinator", coordinator, "--host", layout.host, "--port", "0", "--threads", str(threads)]
-    if layout.kv_memory:
-        common += ["--kv-memory", layout.kv_memory]
     commands = []
     for s in range(layout.pp):
         for r in range(layout.tp):
-            device = _device(layout, s * layout.tp + r)
-            argv = ["stage-worker", *common, "--device", device, "--stage", str(s), "--tp-rank", str(r)]
+            site = WorkerSite(_device(layout, s * layout.tp + r), layout.host)
+            argv = stage_worker_command(layout, coordinator, s, r, site, threads)
             commands.append((f"stage-worker stage={s} rank={r}", argv))
     for e in range(layout.ep):
-        device = _device(layout, layout.tp * layout.pp + e)
-        argv = ["expert-worker", "--coordinator", coordinator, "--host", layout.host, "--port", "0",
-                "--threads", str(threads), "--device", device, "--expert-worker-index", str(e)]  # fmt: skip
-        commands.append((f"expert-worker index={e}", argv))
+        site = WorkerSite(_device(layout, layout.tp * layout.pp + e), layout.host)
+        commands.append((f"expert-worker index={e}", expert_worker_command(layout, coordinator, e, site, threads)))
     return commands
 
 
@@ -92,10 +121,12 @@ def coordinator_command(layout: MeshLayout) -> list[str]:
     return argv
 
 
-def gateway_command(layout: MeshLayout, coordinator: str) -> list[str]:
+def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None = None) -> list[str]:
     argv = ["gateway", "--coordinator", coordinator, "--host", layout.host, "--port", str(layout.port),
             "--max-step-tokens", str(layout.max_step_tokens), "--max-queue", str(layout.max_queue),
             "--max-running", str(layout.max_running)]  # fmt: skip
+    if advertise:
+        argv += ["--advertise", advertise]
     if layout.metrics_port is not None:
         argv += ["--metrics-port", str(layout.metrics_port)]
     return argv
@@ -119,11 +150,8 @@ class LocalMesh:
 
     def start(self, timeout: float = 300.0) -> None:
         """Starts everything and returns when the gateway serves; raises with the reason otherwise."""
-        from stagemesh.coordinator.server import CoordinatorOptions, build_roster
-
         layout = self.layout
-        build_roster(CoordinatorOptions(layout.model_dir, layout.tp, layout.pp, layout.ep, layout.layers,
-                                        layout.expert_placement, layout.expert_replicas))  # refuses a bad plan now
+        self._check_plan()
         deadline = time.monotonic() + timeout
         self.coordinator = self._spawn("coordinator", coordinator_command(layout), deadline)
         for name, argv in worker_commands(layout, self.coordinator):
@@ -132,11 +160,19 @@ class LocalMesh:
         self._wait_serving(deadline)
         threading.Thread(target=self._watch, daemon=True).start()
 
-    def _spawn(self, name: str, argv: list[str], deadline: float | None) -> str:
+    def _check_plan(self) -> None:
+        """Refuses a bad plan before any process starts."""
+        from stagemesh.coordinator.server import CoordinatorOptions, build_roster
+
+        layout = self.layout
+        build_roster(CoordinatorOptions(layout.model_dir, layout.tp, layout.pp, layout.ep, layout.layers,
+                                        layout.expert_placement, layout.expert_replicas))  # fmt: skip
+
+    def _spawn(self, name: str, argv: list[str], deadline: float | None, env: dict[str, str] | None = None) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
         child.proc = subprocess.Popen(
             child.argv, stdout=subprocess.PIPE, stderr=None, text=True, preexec_fn=_die_with_parent,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
         )  # fmt: skip
         self.children.append(child)
         ready = threading.Event()
@@ -194,9 +230,30 @@ class LocalMesh:
                 child.proc.wait()
 
 
-def run_up(layout: MeshLayout) -> None:
+class ServiceMesh(LocalMesh):
+    """`stagemesh up --config`: the services of a cluster description (deploy.cluster.Service), run here in
+    their order (coordinator, gateway, workers) with their own argv and environment."""
+
+    def __init__(self, layout: MeshLayout, services, log=sys.stderr) -> None:
+        super().__init__(layout, log)
+        self.services = list(services)
+
+    def start(self, timeout: float = 300.0) -> None:
+        self._check_plan()
+        deadline = time.monotonic() + timeout
+        for service in self.services:
+            waits = service.role in ("coordinator", "gateway")  # workers announce themselves to the coordinator
+            address = self._spawn(service.name, list(service.argv), deadline if waits else None, dict(service.env))
+            if service.role == "coordinator":
+                self.coordinator = address
+            elif service.role == "gateway":
+                self.gateway = address
+        self._wait_serving(deadline)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+
+def run_mesh(mesh: LocalMesh) -> None:
     """Starts the mesh, prints `ready gateway=... coordinator=...`, serves until SIGINT/SIGTERM."""
-    mesh = LocalMesh(layout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -207,3 +264,15 @@ def run_up(layout: MeshLayout) -> None:
             pass
     finally:
         mesh.stop()
+
+
+def run_up(layout: MeshLayout) -> None:
+    run_mesh(LocalMesh(layout))
+
+
+def run_cluster_up(config: str) -> None:
+    """`stagemesh up --config FILE`: every host of the description on this machine (see cluster.localize)."""
+    from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
+
+    cluster = resolve_paths(localize(load_cluster(config)), Path(config).parent)
+    run_mesh(ServiceMesh(cluster.layout(), services(cluster)))

@@ -112,8 +112,10 @@ def _chunk(msg) -> StreamChunk:
 
 
 class Client:
-    def __init__(self, address: str, timeout: float | None = None) -> None:
-        self._channel = channel(address)
+    """token: the gateway's client token (default: STAGEMESH_CLIENT_TOKEN); TLS files come from STAGEMESH_TLS_*."""
+
+    def __init__(self, address: str, timeout: float | None = None, token: str | None = None) -> None:
+        self._channel = channel(address, public=True, token=token)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self.timeout = timeout
 
@@ -153,8 +155,8 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str, timeout: float | None = None) -> None:
-        self._channel = aio_channel(address)
+    def __init__(self, address: str, timeout: float | None = None, token: str | None = None) -> None:
+        self._channel = aio_channel(address, public=True, token=token)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self.timeout = timeout
 

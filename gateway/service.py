@@ -146,14 +146,14 @@ def _architecture(plan_dir: str, override: str | None) -> str:
 
 
 async def run_gateway(opts: GatewayOptions) -> None:
-    server, health = create_server()
+    server, health = create_server(public=True)
     scheduler = Scheduler(opts.limits)
     client = CoordinatorClient(opts.coordinator)
     gateway = Gateway(opts, scheduler, client, health)
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler, gateway), server)
     enable_reflection(server, [SERVICE])
     advertise = advertised_host(opts.host, opts.advertise)
-    gateway.address = f"{advertise}:{bind(server, opts.host, opts.port)}"
+    gateway.address = f"{advertise}:{bind(server, opts.host, opts.port, public=True)}"
     await client.connect(opts.connect_timeout)
     if opts.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", opts.host, serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port))

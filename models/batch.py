@@ -7,7 +7,7 @@ prefill chunk on its own. Everything here is built once per step and shared by a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,19 +49,27 @@ class StepBatch:
     decode_slots: torch.Tensor  # (Bd, T) KV slots each decode reads (whole blocks; the mask cuts them)
     decode_positions: torch.Tensor  # (Bd,) position of each decode token
     prefills: tuple[PrefillSlice, ...]
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # per sliding window, built once
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
+    @property
+    def decode_only(self) -> bool:
+        """Every row is a decode, in order: attention needs no gather/scatter of rows."""
+        return not self.prefills
+
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """(Bd, 1, 1, T): key slot j is visible to decode b (j <= position, and within the window)."""
-        key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
-        pos = self.decode_positions[:, None]
-        mask = key_pos[None, :] <= pos
-        if window is not None:
-            mask &= key_pos[None, :] > pos - window
-        return mask[:, None, None, :]
+        if window not in self._masks:
+            key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            pos = self.decode_positions[:, None]
+            mask = key_pos[None, :] <= pos
+            if window is not None:
+                mask &= key_pos[None, :] > pos - window
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
 
     @classmethod
     def build(cls, chunks: list[SeqChunk] | tuple[SeqChunk, ...], block_size: int, device="cpu") -> "StepBatch":

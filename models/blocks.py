@@ -45,9 +45,3 @@ class BlockAllocator:
 
     def free(self, seq_id: int) -> None:
         self._free.extend(reversed(self._owned.pop(seq_id, [])))
-
-    def owned(self, seq_id: int) -> list[int]:
-        return self._owned[seq_id]
-
-    def __contains__(self, seq_id: int) -> bool:
-        return seq_id in self._owned

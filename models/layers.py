@@ -102,13 +102,11 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(n, q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        if batch.decode_only:
+            return self._decode(q, batch)
         out = torch.empty_like(q)
         if batch.decode_rows.numel():
-            qd = q[batch.decode_rows][:, :, None, :]  # (Bd, H, 1, Dh)
-            kd, vd = self.kv_cache.gather(batch.decode_slots)  # (Bd, KV, T, Dh)
-            mask = batch.decode_mask(self.sliding_window)  # (Bd, 1, 1, T)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[batch.decode_rows] = o[:, :, 0, :]
+            out[batch.decode_rows] = self._decode(q[batch.decode_rows], batch)
         for p in batch.prefills:
             rows = slice(p.token_start, p.token_start + p.num_tokens)
             qp = q[rows].transpose(0, 1)[None]  # (1, H, Tq, Dh)
@@ -122,6 +120,14 @@ class Attention(nn.Module):
             )
             out[rows] = o[0].transpose(0, 1)
         return out
+
+
+    def _decode(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """q (Bd, H, Dh) of single-token chunks -> (Bd, H, Dh), one padded batch over the paged cache."""
+        kd, vd = self.kv_cache.gather(batch.decode_slots)  # (Bd, KV, T, Dh)
+        mask = batch.decode_mask(self.sliding_window)  # (Bd, 1, 1, T)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o[:, :, 0, :]
 
 
 def _prefill_mask(start: int, tq: int, tk: int, window: int | None, device) -> torch.Tensor | None:

@@ -55,9 +55,6 @@ class Transformer(nn.Module):
         per_layer = [2 * l.self_attn.n_kv_heads * l.self_attn.head_dim * block_size * itemsize for l in self.layers.values()]
         return sum(per_layer)
 
-    def kv_caches(self) -> list[PagedKVCache]:
-        return [layer.self_attn.kv_cache for layer in self.layers.values()]
-
     def forward(
         self, batch: StepBatch, input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stagemesh.errors import StagemeshError
+from stagemesh.proto import security
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,12 @@ def maps_errors(method):
 
 
 def create_server(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, interceptors=()
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=message_options(max_message_bytes), interceptors=list(interceptors))
+    """A server with health checking and, when tokens are configured, the token check (public = the
+    gateway's API, which wants the client token; every other server wants the cluster token)."""
+    check = security.server_token_check(security.current(), public)
+    server = grpc.aio.server(options=message_options(max_message_bytes), interceptors=[check] if check else [])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -82,20 +86,41 @@ def advertised_host(host: str, advertise: str | None) -> str:
     return advertise or (socket.gethostname() if host in ("0.0.0.0", "::", "") else host)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Binds host:port (0 = a free port) and returns the port actually bound."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, public: bool = False) -> int:
+    """Binds host:port (0 = a free port) with TLS when configured; returns the port actually bound.
+    Refuses a non-loopback address that neither TLS nor a token protects, unless --insecure."""
+    sec = security.current()
+    sec.check_listen(host, protected_by_token=bool(sec.client_token if public else sec.cluster_token))
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, security.server_credentials(sec)) if sec.tls else (
+        server.add_insecure_port(address))  # fmt: skip
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     return bound
 
 
-def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=message_options(max_message_bytes))
+def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False,
+                token: str | None = None):  # fmt: skip
+    """An asyncio channel with TLS and the cluster token (or, public, the client token) when configured;
+    `token` overrides the configured one."""
+    sec = security.current()
+    token = token or (sec.client_token if public else sec.cluster_token)
+    interceptors = security.aio_token_interceptors(token) if token else None
+    options = message_options(max_message_bytes)
+    if sec.tls:
+        return grpc.aio.secure_channel(address, security.channel_credentials(sec), options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
 
 
-def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=message_options(max_message_bytes))
+def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False,
+            token: str | None = None) -> grpc.Channel:  # fmt: skip
+    """A blocking channel, configured like aio_channel; `token` overrides the configured one."""
+    sec = security.current()
+    token = token or (sec.client_token if public else sec.cluster_token)
+    options = message_options(max_message_bytes)
+    ch = (grpc.secure_channel(address, security.channel_credentials(sec), options) if sec.tls
+          else grpc.insecure_channel(address, options))  # fmt: skip
+    return grpc.intercept_channel(ch, security.AddToken(token)) if token else ch
 
 
 async def run_service(name: str, address: str, server: grpc.aio.Server, background=(), grace: float = 2.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from support import PROMPTS
 
 from stagemesh.coordinator.client import cluster_status
