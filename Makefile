@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_MODEL ?= checkpoints/llama-small
 
-.PHONY: install demo test
+.PHONY: install tools demo test
 
 install: $(VENV)/.installed
 
@@ -21,5 +21,14 @@ demo: install
 	$(BIN)/stagemesh make-checkpoint --arch llama --preset small --out $(DEMO_MODEL)
 	$(BIN)/stagemesh demo --model $(DEMO_MODEL) --tp 2 --pp 2
 
-test: install
+# The tests validate the compose files with Debian's docker-compose (offline, no Docker engine) and, as root,
+# build network namespaces with iproute2's `ip`.
+tools:
+	@command -v docker-compose >/dev/null && command -v ip >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose iproute2 >/dev/null; \
+	  else echo "the tests need docker-compose and iproute2: sudo apt-get install docker-compose iproute2" >&2; \
+	    exit 1; fi; }
+
+test: install tools
 	$(BIN)/python -m pytest

@@ -60,16 +60,19 @@ class StepBatch:
         """Every row is a decode, in order: attention needs no gather/scatter of rows."""
         return not self.prefills
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """(Bd, 1, 1, T): key slot j is visible to decode b (j <= position, and within the window)."""
-        if window not in self._masks:
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """(Bd, 1, 1, T) additive mask: 0 where key slot j is visible to decode b (j <= its position, and
+        within the window), -inf elsewhere. Built once per step (SDPA would convert a boolean one per call)."""
+        key = (window, dtype)
+        if key not in self._masks:
             key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
             pos = self.decode_positions[:, None]
-            mask = key_pos[None, :] <= pos
+            visible = key_pos[None, :] <= pos
             if window is not None:
-                mask &= key_pos[None, :] > pos - window
-            self._masks[window] = mask[:, None, None, :]
-        return self._masks[window]
+                visible &= key_pos[None, :] > pos - window
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
 
     @classmethod
     def build(cls, chunks: list[SeqChunk] | tuple[SeqChunk, ...], block_size: int, device="cpu") -> "StepBatch":

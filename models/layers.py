@@ -91,15 +91,13 @@ class Attention(nn.Module):
         self.kv_cache: PagedKVCache | None = None  # created by Transformer.allocate_kv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        n = x.shape[0]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.n_heads, self.head_dim), cos, sin)  # (N, H, Dh)
-        k = apply_rotary(k.view(n, self.n_kv_heads, self.head_dim), cos, sin)  # (N, KV, Dh)
-        v = v.reshape(n, self.n_kv_heads, self.head_dim)  # (N, KV, Dh)
+        n, h, kv = x.shape[0], self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # (N, H + 2KV, Dh)
+        qk = apply_rotary(qkv[:, : h + kv], cos, sin)  # q and k heads rotated together: (N, H + KV, Dh)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]  # (N, H, Dh), (N, KV, Dh), (N, KV, Dh)
         self.kv_cache.update(k, v, batch.slot_mapping)
         out = self._attend(q, k, v, batch)  # (N, H, Dh)
-        return self.o_proj(out.reshape(n, q_size))
+        return self.o_proj(out.reshape(n, h * self.head_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         if batch.decode_only:
@@ -125,7 +123,7 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """q (Bd, H, Dh) of single-token chunks -> (Bd, H, Dh), one padded batch over the paged cache."""
         kd, vd = self.kv_cache.gather(batch.decode_slots)  # (Bd, KV, T, Dh)
-        mask = batch.decode_mask(self.sliding_window)  # (Bd, 1, 1, T)
+        mask = batch.decode_mask(self.sliding_window, q.dtype)  # (Bd, 1, 1, T)
         o = F.scaled_dot_product_attention(q[:, :, None, :], kd, vd, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[:, :, 0, :]
 

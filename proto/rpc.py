@@ -7,6 +7,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import signal
 
 import grpc
@@ -18,7 +19,9 @@ from stagemesh.proto import security
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # activations of a long prefill chunk fit with room to spare
+# Every channel and server sends and receives messages up to this size (not gRPC's 4 MiB default): the
+# activations of a long prefill chunk fit with room to spare. STAGEMESH_MAX_MESSAGE_BYTES changes it.
+DEFAULT_MAX_MESSAGE_BYTES = int(os.environ.get("STAGEMESH_MAX_MESSAGE_BYTES", 256 * 1024 * 1024))
 
 
 def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
