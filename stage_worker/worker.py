@@ -83,6 +83,10 @@ class StageRuntime:
             self.broken = f"stage {self.stage}: its tensor-parallel group failed ({e})"
             raise Unavailable(self.broken) from None
 
+    def on_epoch(self, epoch: int) -> None:
+        """The coordinator's pipeline epoch, from heartbeats and the topology watch."""
+        self.epoch = max(self.epoch, epoch)
+
     def stats(self) -> cpb.WorkerStats:
         engine = self.engine
         return cpb.WorkerStats(
@@ -110,6 +114,7 @@ def device_memory(device: torch.device) -> int:
 
 
 async def run_stage_worker(opts: StageWorkerOptions) -> None:
+    """Listen, register, join the stage's TP group, load the shard, report ready, serve until stopped."""
     device = torch.device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -123,46 +128,17 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     await server.start()
     await set_serving(health, [SERVICE], False)
 
-    client = CoordinatorClient(opts.coordinator)
-    await client.connect(opts.connect_timeout)
-    request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
-    if opts.stage is not None or opts.tp_rank is not None:
-        request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
-    assignment = await client.register(request, timeout=opts.group_timeout + opts.connect_timeout)
-    plan = assignment.plan
+    client, assignment = await _register(opts, address, device)
     runtime.stage = assignment.stage
-    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, plan.model_dir)
-
-    def on_epoch(epoch: int) -> None:
-        runtime.epoch = max(runtime.epoch, epoch)
-
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, on_epoch))
+    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, runtime.on_epoch))
     if opts.metrics_port is not None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
         log.info("metrics on http://%s:%d/metrics", opts.host, port)
-    if plan.tp > 1:
+    if assignment.plan.tp > 1:
         runtime.group = await _join_group(client, assignment, advertise, opts, device)
-
-    def load() -> StageEngine:
-        layers = plan.stages[assignment.stage]
-        spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
-        tp = runtime.group.tp_rank if runtime.group else TPRank()
-        dtype = parse_dtype(plan.dtype)
-        remote = _remote_experts(plan, runtime, tp) if plan.ep else None
-        model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
-        per_block = model.kv_bytes_per_block(plan.block_size, dtype)
-        blocks = max(1, _kv_budget(opts.kv_memory, device) // per_block)
-        runtime.num_blocks, runtime.block_size = blocks, plan.block_size
-        runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
-        return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
-
-    engine = await loop.run_in_executor(runtime.executor, load)
-    runtime.engine = engine
-    param_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-    await client.call("ReportReady", cpb.ReadyRequest(
-        worker_id=assignment.worker_id, param_bytes=param_bytes, kv_blocks=runtime.num_blocks,
-        kv_bytes_per_block=engine.runner.model.kv_bytes_per_block(plan.block_size, runtime.dtype)))  # fmt: skip
+    runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
+    await _report_ready(client, assignment, runtime)
     await set_serving(health, [SERVICE], True)
     background = [heartbeat, _watch(client, runtime)]
     if runtime.group and runtime.group.rank > 0:
@@ -177,6 +153,40 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         with contextlib.suppress(Exception):  # peers stopping at the same time need no goodbye
             await asyncio.wait_for(loop.run_in_executor(runtime.executor, runtime.group.broadcast, SHUTDOWN), 5)
     exit_process(code)
+
+
+async def _register(opts: StageWorkerOptions, address: str, device: torch.device):
+    client = CoordinatorClient(opts.coordinator)
+    await client.connect(opts.connect_timeout)
+    request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
+    if opts.stage is not None or opts.tp_rank is not None:
+        request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
+    assignment = await client.register(request, timeout=opts.group_timeout + opts.connect_timeout)
+    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.model_dir)
+    return client, assignment
+
+
+def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, device: torch.device) -> StageEngine:
+    """On the compute thread: build and load this rank's slice, size the KV pool from the budget."""
+    plan = assignment.plan
+    layers = plan.stages[assignment.stage]
+    spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
+    tp = runtime.group.tp_rank if runtime.group else TPRank()
+    dtype = parse_dtype(plan.dtype)
+    remote = _remote_experts(plan, runtime, tp) if plan.ep else None
+    model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
+    blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))
+    runtime.num_blocks, runtime.block_size = blocks, plan.block_size
+    runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
+    return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
+
+
+async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
+    model = runtime.engine.runner.model
+    await client.call("ReportReady", cpb.ReadyRequest(
+        worker_id=assignment.worker_id, kv_blocks=runtime.num_blocks,
+        param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype)))  # fmt: skip
 
 
 def _remote_experts(plan, runtime: StageRuntime, tp: TPRank):
@@ -200,7 +210,7 @@ async def _join_group(client: CoordinatorClient, assignment, advertise: str, opt
 
 async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
     async for topology in client.topologies():
-        runtime.epoch = max(runtime.epoch, topology.pipeline_epoch)
+        runtime.on_epoch(topology.pipeline_epoch)
         runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:
             runtime.stage_addresses = tuple(topology.stage_addresses)
