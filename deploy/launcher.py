@@ -147,6 +147,7 @@ class LocalMesh:
         self.log = log
         self.coordinator = self.gateway = ""
         self._stopping = False
+        self.interrupted = False  # set by run_mesh's SIGINT/SIGTERM handler; startup gives up when it is
 
     def start(self, timeout: float = 300.0) -> None:
         """Starts everything and returns when the gateway serves; raises with the reason otherwise."""
@@ -180,6 +181,7 @@ class LocalMesh:
         if deadline is None:
             return ""
         while not ready.wait(0.1):
+            self._check_interrupted()
             if child.proc.poll() is not None:
                 raise Unavailable(f"{name} exited with code {child.proc.returncode} before it was ready")
             if time.monotonic() > deadline:
@@ -197,12 +199,17 @@ class LocalMesh:
         from stagemesh.proto.rpc import check_health
 
         while not check_health(self.gateway, timeout=2.0):
+            self._check_interrupted()
             dead = [c for c in self.children if c.proc.poll() is not None]
             if dead:
                 raise Unavailable(f"{dead[0].name} exited with code {dead[0].proc.returncode} during startup")
             if time.monotonic() > deadline:
                 raise Unavailable("the mesh did not become ready in time (see the workers' logs above)")
             time.sleep(0.2)
+
+    def _check_interrupted(self) -> None:
+        if self.interrupted:
+            raise Unavailable("interrupted while starting: stopping every child")
 
     def _watch(self) -> None:
         reported = set()
@@ -254,14 +261,17 @@ class ServiceMesh(LocalMesh):
 
 def run_mesh(mesh: LocalMesh) -> None:
     """Starts the mesh, prints `ready gateway=... coordinator=...`, serves until SIGINT/SIGTERM."""
-    stop = threading.Event()
+
+    def interrupt(*_) -> None:  # only a plain assignment: a handler taking a lock can deadlock the main thread
+        mesh.interrupted = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     try:
         mesh.start()
         print(f"ready gateway={mesh.gateway} coordinator={mesh.coordinator}", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not mesh.interrupted:
+            time.sleep(0.2)
     finally:
         mesh.stop()
 
