@@ -300,6 +300,24 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
     run_demo(MeshLayout(model_dir, tp, pp, threads=1, kv_memory="64MiB"), max_tokens)
 
 
+@main.command("bench")
+@click.option("--suite", type=click.Choice(["quick", "full", "smoke"]), default="quick", show_default=True,
+              help="quick: the published numbers (<10 min on 2 cores); full: longer runs, wider sweeps; "
+                   "smoke: tiny checkpoints, seconds (CI).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False),
+              help="Llama-family checkpoint (default: the suite's, generated into ./checkpoints/ on first use).")
+@click.option("--mixtral", "mixtral_dir", type=click.Path(file_okay=False),
+              help="Mixtral checkpoint for the expert-parallel rows (default: generated like --model).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
+              help="Folder for results.json, results.md, the PNG plots and the meshes' logs.")
+def bench_command(suite, model_dir, mixtral_dir, out) -> None:
+    """Measure the mesh against baselines run side by side (HF generate, the in-process engine, tp/pp/ep=1)
+    and write the table, the ratios to their targets, and plots."""
+    from stagemesh.benchmarks.runner import BenchOptions, run_bench
+
+    sys.exit(run_bench(BenchOptions(suite, model_dir, mixtral_dir, out)))
+
+
 @main.command("certs")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write into.")
 @click.option("--names", default="coordinator,gateway,worker,client", show_default=True,

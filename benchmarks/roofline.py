@@ -1,0 +1,57 @@
+"""The memory-bandwidth roofline of batch-1 decode: the weight bytes one decode step must stream, and the
+read bandwidth this machine reaches (a large GEMV and a large reduction, the better of the two), both
+measured in the run that uses them."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+def decode_weight_bytes(model: nn.Module, tied_embedding: bool) -> int:
+    """Bytes of every weight a decode step reads: all parameters but the embedding table, which is only
+    indexed (one row per token) unless it doubles as the LM head."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and not tied_embedding:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+@torch.inference_mode()
+def gemv_floor(model: nn.Module, tied_embedding: bool, reps: int = 5) -> float:
+    """Seconds for F.linear to stream every weight matrix a decode step reads, back to back, for one token:
+    a decode step with nothing but its GEMVs (best of `reps`)."""
+    import torch.nn.functional as F
+
+    weights = [p for name, p in model.named_parameters()
+               if p.dim() == 2 and ("embed_tokens" not in name or tied_embedding)]  # fmt: skip
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    return _best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps)
+
+
+def read_bandwidth(megabytes: int = 256, reps: int = 8) -> dict:
+    """Bytes/s read by torch.mv over a (rows, 4096) float32 matrix of `megabytes` and by torch.sum over the
+    same bytes, with the current torch thread count; the best of `reps` timings each."""
+    cols = 4096
+    matrix = torch.randn(megabytes * 2**20 // (4 * cols), cols)
+    vector = torch.randn(cols)
+    nbytes = matrix.numel() * matrix.element_size()
+    gemv = nbytes / _best_time(lambda: torch.mv(matrix, vector), reps)
+    reduction = nbytes / _best_time(lambda: matrix.sum(), reps)
+    best = "gemv" if gemv >= reduction else "sum"
+    return {"gemv": gemv, "sum": reduction, "best": max(gemv, reduction), "best_kind": best,
+            "bytes": nbytes, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -1,0 +1,154 @@
+"""`stagemesh bench`: prepares the checkpoints, runs the suite's case families one after another under a
+progress bar (each starts and stops its own meshes and measures its baselines in the same run), then
+writes results.json, results.md and the plots into --out and prints the table."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from stagemesh.benchmarks.context import BenchContext
+from stagemesh.benchmarks.results import Row, failed_row
+from stagemesh.benchmarks.suite import SUITES, Suite
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    suite: str = "quick"
+    model_dir: str | None = None  # a Llama-family checkpoint; default: the suite's generated one
+    mixtral_dir: str | None = None
+    out: str = "bench-results"
+    command: str = ""  # the command line that ran, for the report
+
+
+@dataclass(frozen=True)
+class Family:
+    """Cases that share meshes or models; `steps` is how far they move the progress bar; `rows` are the
+    (key, what) of the rows they produce, listed so a family that crashes still leaves its rows."""
+
+    name: str
+    run: Callable[[BenchContext], list[Row]]
+    steps: Callable[[Suite], int]
+    rows: tuple[tuple[str, str], ...]
+
+
+def families() -> list[Family]:
+    from stagemesh.benchmarks import decode, experts, memory, parallel, serving
+
+    return [
+        Family("decode", decode.run_decode, lambda s: 1,
+               (("decode_vs_hf", "batch-1 decode vs HF"), ("decode_roofline", "batch-1 decode roofline"))),
+        Family("serving", serving.run_serving, lambda s: 3,
+               (("mesh_decode", "mesh (1,1) decode"), ("ttft", "time to first token"),
+                ("mixed_throughput", "mixed-length throughput"))),
+        Family("parallel", parallel.run_parallel, lambda s: len(s.concurrency) + 2,
+               (("tp_latency", "tp=2 decode latency"), ("pp_throughput", "pp=2 throughput"),
+                ("stage_hop", "one stage hop"))),
+        Family("memory", memory.run_memory, lambda s: 1,
+               (("param_bytes", "parameter bytes per worker"), ("load_rss", "peak RSS while loading"))),
+        Family("experts", experts.run_experts, lambda s: 2,
+               (("moe_decode", "Mixtral decode, ep=2"), ("expert_ffn", "expert FFN throughput"))),
+    ]  # fmt: skip
+
+
+def checkpoint(path: str | None, arch: str, preset: str) -> str:
+    """`path`, or the suite's generated checkpoint under ./checkpoints/ (written on first use)."""
+    if path:
+        return path
+    target = Path("checkpoints") / f"{preset}-{arch}"
+    if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
+        from stagemesh.models.make_checkpoint import make_checkpoint
+
+        make_checkpoint(target, arch, preset)
+    return str(target)
+
+
+def run_bench(opts: BenchOptions) -> int:
+    """Runs the suite; returns 0, or 1 when a case failed to produce its numbers (missed targets are results)."""
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    suite, out = SUITES[opts.suite], Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    llama = checkpoint(opts.model_dir, "llama", suite.llama_preset)
+    mixtral = checkpoint(opts.mixtral_dir, "mixtral", suite.mixtral_preset)
+    ctx = BenchContext(suite, llama, mixtral, out)
+    rows = run_families(ctx, console)
+    run = run_record(opts, ctx, time.perf_counter() - start)
+    write_outputs(out, run, rows, ctx.series)
+    from stagemesh.benchmarks.report import print_table
+
+    print_table(console, rows)
+    console.print(f"{opts.suite} suite: {run['wall_seconds']:.0f} s; results in {out}/")
+    return 1 if any(r.verdict == "ERROR" for r in rows) else 0
+
+
+def run_families(ctx: BenchContext, console) -> list[Row]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    plan = families()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    rows: list[Row] = []
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=sum(f.steps(ctx.suite) for f in plan))
+        done = 0
+        for family in plan:
+            ctx.advance = _stepper(progress, task, done)
+            rows += run_family(family, ctx, console)
+            done += family.steps(ctx.suite)
+            progress.update(task, completed=done)
+        progress.update(task, description="done")
+    return rows
+
+
+def _stepper(progress, task, done: int) -> Callable[[str], None]:
+    """ctx.advance for one family: names the measurement starting now; the bar counts those finished."""
+    started = [0]
+
+    def advance(what: str) -> None:
+        progress.update(task, description=what, completed=done + started[0])
+        started[0] += 1
+
+    return advance
+
+
+def run_family(family: Family, ctx: BenchContext, console) -> list[Row]:
+    from rich.markup import escape
+
+    try:
+        rows = family.run(ctx)
+    except Exception as e:  # one family's failure must not lose the others' numbers
+        (ctx.out / "logs").mkdir(parents=True, exist_ok=True)
+        with open(ctx.out / "logs" / f"{family.name}.error.txt", "w") as f:
+            traceback.print_exc(file=f)
+        reason = escape(f"{type(e).__name__}: {e}")
+        console.print(f"[red]{family.name} failed: {reason}[/] (traceback in {ctx.out}/logs/)")
+        rows = [failed_row(key, what, e) for key, what in family.rows]
+    for r in rows:
+        ratio = "" if r.ratio is None else f" ({r.ratio:.2f}x)"
+        value = r.value if r.value is None else round(r.value, 3)
+        console.print(f"{r.verdict:>5}  {escape(r.what)}: {value} {r.unit}{ratio}  [dim]{escape(r.note)}[/]",
+                      highlight=False)  # fmt: skip
+    return rows
+
+
+def run_record(opts: BenchOptions, ctx: BenchContext, wall: float) -> dict:
+    from stagemesh.benchmarks.machine import describe_machine
+
+    command = opts.command or " ".join(["stagemesh", *sys.argv[1:]])
+    return {"suite": opts.suite, "command": command, "wall_seconds": wall, "machine": describe_machine(),
+            "checkpoints": {"llama": ctx.llama, "mixtral": ctx.mixtral}, "series": ctx.series}  # fmt: skip
+
+
+def write_outputs(out: Path, run: dict, rows: list[Row], series: dict) -> None:
+    from stagemesh.benchmarks.plots import write_plots
+    from stagemesh.benchmarks.report import markdown, write_json
+
+    write_json(out / "results.json", run, rows)
+    (out / "results.md").write_text(markdown(run, rows))
+    write_plots(out, series, run["suite"])

@@ -1,0 +1,63 @@
+"""The benchmark harness cannot rot unseen: `stagemesh bench --suite smoke` runs every case on tiny
+checkpoints and must leave every row of the table with numbers, plus results.md and the plots; the GPU
+check's script runs its whole flow on CPU with a tiny shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stagemesh.benchmarks.plots import PLOTS
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {
+    "decode_vs_hf", "decode_roofline", "mesh_decode", "ttft", "mixed_throughput", "tp_latency", "pp_throughput",
+    "stage_hop", "param_bytes", "load_rss", "moe_decode", "expert_ffn",
+}  # fmt: skip
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
+    cmd = [sys.executable, "-m", "stagemesh.cli", "bench", "--suite", "smoke", "--out", "out"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert set(rows) == ROWS
+    for key, r in rows.items():
+        assert r["verdict"] in ("pass", "MISS", "info"), (key, r["note"])
+        assert _finite(r["value"]) and r["value"] >= 0, key
+        assert r["baseline_value"] is None or (_finite(r["baseline_value"]) and r["baseline_value"] > 0), key
+        assert r["ratio"] is None or _finite(r["ratio"]), key
+        assert r["target"] is not None or key == "expert_ffn", key
+        if r["verdict"] == "MISS":
+            assert r["shortfall"], key
+    assert (tmp_path / "checkpoints" / "tiny-llama" / "config.json").is_file()  # the default checkpoint was made
+    assert {"cpu", "cores", "torch", "date"} <= set(data["machine"])
+    table = (out / "results.md").read_text()
+    assert all(rows[k]["what"] in table for k in ROWS)
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "ratio" in run.stdout and "smoke suite" in run.stdout
+
+
+def test_gpu_check_flow_runs_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--shape", "tiny", "--device", "cpu", "--tokens", "3",
+           "--prompt", "8", "--reps", "1"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    for side in ("engine", "hf_eager"):
+        assert all(_finite(v) and v > 0 for v in result[side].values()), side
+    assert set(result["pipeline"]) == {"pp=1", "pp=2"}
+    assert result["pipeline"]["pp=2"]["micro_batches"] == 2
+    assert "pp=2 (2 processes, 1 GPU)" in (tmp_path / "gpu_check.md").read_text()
