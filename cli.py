@@ -310,12 +310,14 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
               help="Mixtral checkpoint for the expert-parallel rows (default: generated like --model).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
               help="Folder for results.json, results.md, the PNG plots and the meshes' logs.")
-def bench_command(suite, model_dir, mixtral_dir, out) -> None:
+@click.option("--only", multiple=True, type=click.Choice(["decode", "serving", "parallel", "memory", "experts"]),
+              help="Run only these families of rows (repeatable); default: all.")
+def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:
     """Measure the mesh against baselines run side by side (HF generate, the in-process engine, tp/pp/ep=1)
     and write the table, the ratios to their targets, and plots."""
     from stagemesh.benchmarks.runner import BenchOptions, run_bench
 
-    sys.exit(run_bench(BenchOptions(suite, model_dir, mixtral_dir, out)))
+    sys.exit(run_bench(BenchOptions(suite, model_dir, mixtral_dir, out, only=tuple(only))))
 
 
 @main.command("certs")

@@ -23,6 +23,7 @@ class BenchOptions:
     mixtral_dir: str | None = None
     out: str = "bench-results"
     command: str = ""  # the command line that ran, for the report
+    only: tuple[str, ...] = ()  # family names to run (decode, serving, parallel, memory, experts); () = all
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def run_bench(opts: BenchOptions) -> int:
     llama = checkpoint(opts.model_dir, "llama", suite.llama_preset)
     mixtral = checkpoint(opts.mixtral_dir, "mixtral", suite.mixtral_preset)
     ctx = BenchContext(suite, llama, mixtral, out)
-    rows = run_families(ctx, console)
+    rows = run_families(ctx, console, opts.only)
     run = run_record(opts, ctx, time.perf_counter() - start)
     write_outputs(out, run, rows, ctx.series)
     from stagemesh.benchmarks.report import print_table
@@ -88,10 +89,10 @@ def run_bench(opts: BenchOptions) -> int:
     return 1 if any(r.verdict == "ERROR" for r in rows) else 0
 
 
-def run_families(ctx: BenchContext, console) -> list[Row]:
+def run_families(ctx: BenchContext, console, only: tuple[str, ...] = ()) -> list[Row]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    plan = families()
+    plan = [f for f in families() if not only or f.name in only]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     rows: list[Row] = []
     with Progress(*columns, console=console, transient=False) as progress:

@@ -40,11 +40,27 @@ MOE_TP_PLAN: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class TPRank:
-    """Where this process sits in its stage's TP group."""
+    """Where this process sits in its stage's TP group, and how its collectives travel: through `local`
+    (shared memory, for ranks on one host, see stage_worker.shm_collectives) when it takes the tensor,
+    else torch.distributed on `group` (gloo or NCCL). Every rank decides the same way for a given tensor."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    local: object | None = None  # has fits(t), all_reduce(t), all_gather(t)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        if self.local is not None and self.local.fits(t):
+            self.local.all_reduce(t)
+        else:
+            dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.local is not None and self.local.fits(t):
+            return self.local.all_gather(t)
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.group)
+        return parts
 
 
 def part_rows(config: ModelConfig, part: str, tp: int, rank: int) -> tuple[int, int]:
@@ -82,7 +98,7 @@ def apply_tensor_parallel(model: Transformer, tp: TPRank) -> None:
                 experts = mlp.experts
                 experts.w13 = nn.Parameter(torch.empty(len(experts.expert_ids), 2 * inter, config.hidden_size))
                 experts.w2 = nn.Parameter(torch.empty(len(experts.expert_ids), config.hidden_size, inter))
-                mlp.register_forward_hook(_all_reduce_hook(tp.group))
+                mlp.register_forward_hook(_all_reduce_hook(tp))
         else:
             _resize_linear(mlp.gate_up_proj, out_features=2 * inter)
             _make_row_parallel(mlp.down_proj, inter, tp)
@@ -112,12 +128,12 @@ def _make_row_parallel(linear: nn.Linear, in_features: int, tp: TPRank) -> None:
     _resize_linear(linear, in_features=in_features)
     if has_bias:
         linear.row_bias = nn.Parameter(torch.empty(linear.out_features))
-    linear.register_forward_hook(_all_reduce_hook(tp.group, with_bias=has_bias))
+    linear.register_forward_hook(_all_reduce_hook(tp, with_bias=has_bias))
 
 
-def _all_reduce_hook(group, with_bias: bool = False):
+def _all_reduce_hook(tp: TPRank, with_bias: bool = False):
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=group)
+        tp.all_reduce(output)
         return output + module.row_bias if with_bias else output
 
     return hook
@@ -130,14 +146,14 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.start, self.end = vocab_range(vocab, tp.size, tp.rank)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden))
-        self.group = tp.group
+        self.tp = tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start  # (N,)
         outside = (local < 0) | (local >= self.end - self.start)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (N, D)
         out.masked_fill_(outside[:, None], 0)
-        dist.all_reduce(out, group=self.group)
+        self.tp.all_reduce(out)
         return out
 
 
@@ -155,6 +171,4 @@ class VocabParallelHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight)  # (S, V_local)
         local = F.pad(local, (0, self.rows_per_rank - local.shape[1])).contiguous()  # (S, ceil(V/tp))
-        parts = [torch.empty_like(local) for _ in range(self.tp.size)]
-        dist.all_gather(parts, local, group=self.tp.group)
-        return torch.cat(parts, dim=-1)[:, : self.vocab]  # (S, V)
+        return torch.cat(self.tp.all_gather(local), dim=-1)[:, : self.vocab]  # (S, V)

@@ -24,7 +24,6 @@ from typing import Callable
 
 import grpc
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -108,8 +107,7 @@ class RemoteExperts(nn.Module):
         status = torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device)
         status[0, 0] = 1.0 if failure else 0.0
         padded = torch.cat([F.pad(local, (0, 0, 0, per - local.shape[0])), status])  # (per + 1, D)
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded, group=self.tp.group)
+        parts = self.tp.all_gather(padded)
         if failure:
             raise Unavailable(failure)
         if any(p[per, 0].item() for p in parts):

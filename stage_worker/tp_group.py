@@ -2,19 +2,23 @@
 
 Rank 0 (the leader) hosts the group's TCPStore; the coordinator hands its address to the other ranks.
 Collectives of the model use the device backend (gloo on CPU, NCCL on CUDA); the leader broadcasts each
-step to its peers as bytes over gloo, which is why a CUDA group is "cpu:gloo,cuda:nccl".
+step to its peers as bytes over gloo, which is why a CUDA group is "cpu:gloo,cuda:nccl". CPU ranks on
+one host use shared memory instead (stage_worker.shm_collectives) for everything that fits a slot.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from stagemesh.models.tp import TPRank
+from stagemesh.stage_worker.shm_collectives import SUPPORTED, ShmCollectives
 
+SHM_SLOT_BYTES = 8 << 20  # larger collectives (long prefill chunks) go through gloo
 SHUTDOWN = b""  # broadcast to peers when the leader stops
 
 
@@ -35,6 +39,7 @@ class TPGroup:
             device_id=device if device.type == "cuda" else None,
         )  # fmt: skip
         self.store = store
+        self.local = _shared_memory(rank, size, store) if device.type == "cpu" else None
 
     @classmethod
     def join(cls, rank: int, size: int, rendezvous: str, device: torch.device, timeout: float) -> "TPGroup":
@@ -45,19 +50,47 @@ class TPGroup:
 
     @property
     def tp_rank(self) -> TPRank:
-        return TPRank(self.rank, self.size, dist.group.WORLD)
+        return TPRank(self.rank, self.size, dist.group.WORLD, self.local)
 
     def broadcast(self, payload: bytes | None = None) -> bytes:
         """The leader sends `payload`; every rank returns it (peers block until the leader sends)."""
+        if self.local is not None:
+            return self.local.broadcast(payload, self._broadcast_bytes)
         size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64)
         dist.broadcast(size, src=0)
-        if size.item() == 0:
+        return self._broadcast_bytes(payload, int(size.item()))
+
+    def _broadcast_bytes(self, payload: bytes | None, size: int) -> bytes:
+        if size == 0:
             return SHUTDOWN
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None else None
         if data is None:
-            data = torch.empty(int(size.item()), dtype=torch.uint8)
+            data = torch.empty(size, dtype=torch.uint8)
         dist.broadcast(data, src=0)
         return data.numpy().tobytes()
+
+
+def _shared_memory(rank: int, size: int, store: dist.TCPStore) -> ShmCollectives | None:
+    """Shared-memory collectives when every rank of the group can open rank 0's segment (one host, x86);
+    every rank learns whether all could, so they all take the same path. The file is removed once all
+    ranks have mapped it, so nothing is left behind whatever happens to the processes."""
+    path = ShmCollectives.create_path() if rank == 0 else None
+    local = None
+    if SUPPORTED and os.environ.get("STAGEMESH_TP_SHM", "1") != "0":
+        try:
+            if rank == 0:
+                local = ShmCollectives(path, rank, size, SHM_SLOT_BYTES, create=True)
+                store.set("shm_path", path)
+            else:
+                local = ShmCollectives(store.get("shm_path").decode(), rank, size, SHM_SLOT_BYTES, create=False)
+        except (OSError, RuntimeError):
+            local = None
+    store.set(f"shm_ok_{rank}", "1" if local else "0")
+    everyone = all(store.get(f"shm_ok_{r}") == b"1" for r in range(size))
+    dist.barrier()
+    if rank == 0 and path is not None:
+        Path(path).unlink(missing_ok=True)
+    return local if everyone else None
 
 
 def exit_process(code: int = 0) -> None:
