@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
 
 import grpc
 import torch
@@ -27,66 +26,70 @@ from stagemesh.stage_worker.sequences import SeqRequest, SequenceTable
 
 log = logging.getLogger("stagemesh.stage")
 SERVICE = pb.DESCRIPTOR.services_by_name["Stage"].full_name
-_END = object()
+TOPOLOGY_WAIT_SECONDS = 10.0
 
 
 class StageServicer(pb_grpc.StageServicer):
     def __init__(self, runtime) -> None:
         self.runtime = runtime  # stage_worker.worker.StageRuntime
 
-    async def Forward(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:
+    async def Forward(self, request_iterator, context) -> None:
         if not self.runtime.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stage worker is still loading")
-        link = ForwardLink(self.runtime)
-        outbox: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.ensure_future(link.pump(request_iterator, outbox))
+        link = ForwardLink(self.runtime, context.write)
         try:
-            while (item := await outbox.get()) is not _END:
-                if isinstance(item, StagemeshError):
-                    await context.abort(status_code(item), str(item))
-                yield item
+            error = await link.run(request_iterator)
         finally:
-            pump.cancel()
             await link.close()
+        if error is not None:
+            await context.abort(status_code(error), str(error))
 
 
 class ForwardLink:
-    """One upstream stream: its sequences, and its stream to the next stage."""
+    """One upstream stream: its sequences, and its stream to the next stage. Results are written upstream
+    as they come (the last stage's from the step loop, the others' from the relay of the next stage)."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime, write) -> None:
         self.runtime = runtime
+        self.write = write  # the upstream stream's context.write
         self.table = SequenceTable(runtime.num_blocks, runtime.block_size)
         self.downstream = None
         self._channel = None
         self._busy: dict[int, float] = {}  # step_id -> this stage's compute seconds, added to results going up
         runtime.links.add(self)
 
-    async def pump(self, requests, outbox: asyncio.Queue) -> None:
-        relay = None
+    async def run(self, requests) -> StagemeshError | None:
+        """Serves the stream until it ends; returns the error that ended it, if any."""
+        tasks = []
         try:
             if not self.runtime.engine.is_last:
-                self._open_downstream()
-                relay = asyncio.ensure_future(self._relay(outbox))
-            async for step in requests:
-                await self._handle(step, outbox)
-            if relay is not None:
-                await self.downstream.done_writing()
-                await relay
-            await outbox.put(_END)
+                await self._open_downstream()
+                tasks.append(asyncio.ensure_future(self._relay()))
+            tasks.append(asyncio.ensure_future(self._steps(requests)))
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            return None
         except StagemeshError as e:
-            await outbox.put(e)
+            return e
         except grpc.aio.AioRpcError as e:
-            await outbox.put(self._downstream_error(e))
-        except asyncio.CancelledError:
-            raise
+            return self._downstream_error(e)
         except Exception as e:  # a bug: report it on this stream, keep serving others
             log.exception("step failed")
-            await outbox.put(StagemeshError(f"stage {self.runtime.stage} failed: {e}"))
+            return StagemeshError(f"stage {self.runtime.stage} failed: {e}")
         finally:
-            if relay is not None and not relay.done():
-                relay.cancel()
+            for task in tasks:
+                task.cancel()
 
-    async def _handle(self, step: pb.Step, outbox: asyncio.Queue) -> None:
+    async def _steps(self, requests) -> None:
+        async for step in requests:
+            await self._handle(step)
+        if self.downstream is not None:
+            await self.downstream.done_writing()
+
+    async def _handle(self, step: pb.Step) -> None:
         runtime = self.runtime
         if step.epoch < runtime.epoch:
             raise Unavailable(f"topology changed: step from epoch {step.epoch}, the mesh is at epoch {runtime.epoch}")
@@ -102,25 +105,28 @@ class ForwardLink:
         busy = time.perf_counter() - start
         if runtime.engine.is_last:
             timing = pb.StageTiming(stage=runtime.stage, busy_seconds=busy)
-            await outbox.put(pb.StepResult(step_id=step.step_id, tokens=token_messages(chunks, out), timings=[timing]))
+            await self.write(pb.StepResult(step_id=step.step_id, tokens=token_messages(chunks, out), timings=[timing]))
             return
         self._busy[step.step_id] = busy
         down = pb.Step(step_id=step.step_id, epoch=step.epoch, seqs=step.seqs, hidden=encode(out), release=step.release)
         await self.downstream.write(down)
 
-    def _open_downstream(self) -> None:
-        addresses = self.runtime.stage_addresses
+    async def _open_downstream(self) -> None:
+        """The gateway may open its stream as soon as the mesh is ready, a moment before this worker's
+        own topology watch says so: wait a little for the next stage's address."""
         stage = self.runtime.stage
-        if len(addresses) <= stage + 1:
-            raise Unavailable(f"stage {stage + 1} is not known yet: the mesh is not ready")
-        self._channel = aio_channel(addresses[stage + 1])
+        try:
+            await asyncio.wait_for(self.runtime.pipeline_known.wait(), TOPOLOGY_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"stage {stage + 1} is not known yet: the mesh is not ready") from None
+        self._channel = aio_channel(self.runtime.stage_addresses[stage + 1])
         self.downstream = pb_grpc.StageStub(self._channel).Forward()
 
-    async def _relay(self, outbox: asyncio.Queue) -> None:
+    async def _relay(self) -> None:
         async for result in self.downstream:
             busy = self._busy.pop(result.step_id, 0.0)
             result.timings.append(pb.StageTiming(stage=self.runtime.stage, busy_seconds=busy))
-            await outbox.put(result)
+            await self.write(result)
 
     def _downstream_error(self, e: grpc.aio.AioRpcError) -> StagemeshError:
         where = f"stage {self.runtime.stage + 1}"

@@ -64,6 +64,7 @@ class StageRuntime:
         self.links: set = set()
         self.epoch = 0
         self.stage_addresses: tuple[str, ...] = ()
+        self.pipeline_known = asyncio.Event()  # set once the topology named every stage's leader
         self.experts = ExpertDirectory()
         self.broken: str | None = None
 
@@ -214,6 +215,7 @@ async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
         runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:
             runtime.stage_addresses = tuple(topology.stage_addresses)
+            runtime.pipeline_known.set()
 
 
 def _kv_budget(kv_memory: str | None, device: torch.device) -> int:
