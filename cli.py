@@ -131,7 +131,8 @@ def _serve(coro) -> None:
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
 @click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE); 0 keeps experts in the stages.")
-@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31 (default: even split).")
+@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31; or `balanced` (the last stage, which "
+              "also streams the LM head, gets fewer layers). Default: an even split.")
 @click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
               show_default=True, help="How experts are spread over expert workers.")
 @click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
@@ -231,7 +232,7 @@ def gateway_command(coordinator, host, port, advertise, model_dir, max_step_toke
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
 @click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE).")
-@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31.")
+@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31; or `balanced`. Default: an even split.")
 @click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
               show_default=True, help="How experts are spread over expert workers.")
 @click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")

@@ -41,9 +41,9 @@ class BenchContext:
             self._models.pop(key, None)
 
     def layout(self, model_dir: str, tp: int = 1, pp: int = 1, ep: int = 0, threads: int = 1) -> MeshLayout:
-        """A float32 CPU mesh with `threads` torch threads in every worker."""
-        return MeshLayout(model_dir, tp, pp, ep, threads=threads, kv_memory="256MiB", dtype="float32",
-                          max_step_tokens=512, metrics_port=None)  # fmt: skip
+        """A float32 CPU mesh with `threads` torch threads in every worker; pipelines use `--layers balanced`."""
+        return MeshLayout(model_dir, tp, pp, ep, layers="balanced" if pp > 1 else None, threads=threads,
+                          kv_memory="256MiB", dtype="float32", max_step_tokens=512, metrics_port=None)  # fmt: skip
 
     @contextlib.contextmanager
     def mesh(self, layout: MeshLayout) -> Iterator[LocalMesh]:

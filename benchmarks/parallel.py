@@ -112,11 +112,12 @@ def _pp_result(ctx: BenchContext, top: int, one: list[float], two: list[float], 
 
 
 def stage_balance(model_dir: str) -> str:
-    """How evenly pp=2 splits the weights each step streams (the embedding is only indexed)."""
+    """How evenly pp=2 (`--layers balanced`) splits the weights each step streams (the embedding is only
+    indexed)."""
     from stagemesh.models.plan import ParallelPlan
 
     config = ModelConfig.from_dir(model_dir)
-    plan = ParallelPlan.build(config, 1, 2)
+    plan = ParallelPlan.build(config, 1, 2, layers="balanced")
     embed = config.vocab_size * config.hidden_size
     counts = [plan.stage_param_count(config, i, 0) - (embed if spec.has_embedding else 0)
               for i, spec in enumerate(plan.stages)]  # fmt: skip

@@ -59,8 +59,11 @@ class ParallelPlan:
     ) -> "ParallelPlan":
         """Validates the layout against the model; raises PlanError naming the number that does not fit."""
         _check_degrees(config, tp, pp, ep)
-        ranges = parse_layer_ranges(layers) if isinstance(layers, str) else layers
-        ranges = _check_ranges(config, pp, ranges) if ranges else even_split(config.num_hidden_layers, pp)
+        if layers == "balanced":
+            ranges = balanced_split(config, tp, pp, ep)
+        else:
+            ranges = parse_layer_ranges(layers) if isinstance(layers, str) else layers
+            ranges = _check_ranges(config, pp, ranges) if ranges else even_split(config.num_hidden_layers, pp)
         stages = tuple(
             StageSpec(i, a, b, has_embedding=i == 0, has_head=i == pp - 1) for i, (a, b) in enumerate(ranges)
         )
@@ -112,18 +115,23 @@ class ParallelPlan:
         return len(self.expert_groups[worker]) * per_expert * config.num_hidden_layers
 
     def _layer_param_count(self, config: ModelConfig, rank: int) -> int:
-        h, tp = config.hidden_size, self.tp
-        q_local = config.q_size // tp
-        kv_local = kv_heads_per_rank(config, tp) * config.head_dim
-        attn = h * (q_local + 2 * kv_local) + q_local * h
-        attn += (q_local + 2 * kv_local) * config.qkv_bias + h * config.o_bias
-        norms = 2 * h
-        if not config.is_moe:
-            inter = config.intermediate_size // tp
-            return attn + norms + 3 * h * inter + (2 * inter + h) * config.mlp_bias
-        router = config.num_local_experts * h
-        experts = 0 if self.ep else config.num_local_experts * 3 * h * (config.intermediate_size // tp)
-        return attn + norms + router + experts
+        return layer_param_count(config, self.tp, self.ep)
+
+
+def layer_param_count(config: ModelConfig, tp: int, ep: int) -> int:
+    """Parameters of one decoder layer on one TP rank (experts excluded when expert workers hold them)."""
+    h = config.hidden_size
+    q_local = config.q_size // tp
+    kv_local = kv_heads_per_rank(config, tp) * config.head_dim
+    attn = h * (q_local + 2 * kv_local) + q_local * h
+    attn += (q_local + 2 * kv_local) * config.qkv_bias + h * config.o_bias
+    norms = 2 * h
+    if not config.is_moe:
+        inter = config.intermediate_size // tp
+        return attn + norms + 3 * h * inter + (2 * inter + h) * config.mlp_bias
+    router = config.num_local_experts * h
+    experts = 0 if ep else config.num_local_experts * 3 * h * (config.intermediate_size // tp)
+    return attn + norms + router + experts
 
 
 # ---- shard arithmetic shared by the TP plan, the loader and the formula above ----
@@ -190,6 +198,21 @@ def even_split(layers: int, pp: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
+
+
+def balanced_split(config: ModelConfig, tp: int, pp: int, ep: int) -> list[tuple[int, int]]:
+    """Contiguous ranges that minimise the largest stage's weights, the last stage's including the LM head
+    it streams every step: it gets fewer layers. The other stages split the rest evenly."""
+    layers, per_layer = config.num_hidden_layers, layer_param_count(config, tp, ep)
+    head = config.vocab_size * config.hidden_size // tp
+    best: tuple | None = None
+    for last in range(1, layers - pp + 2):
+        ranges = [*even_split(layers - last, pp - 1), (layers - last, layers)] if pp > 1 else [(0, layers)]
+        largest = max((b - a) * per_layer + head * (i == pp - 1) for i, (a, b) in enumerate(ranges))
+        key = (largest, abs(last - layers / pp))  # ties: the split closest to even
+        if best is None or key < best[0]:
+            best = (key, ranges)
+    return best[1]
 
 
 def parse_layer_ranges(text: str) -> list[tuple[int, int]]:

@@ -24,6 +24,13 @@ def test_even_split_and_explicit_ranges():
     assert plan.describe() == "tp=1 pp=3 layers=0-0,1-2,3-3"
 
 
+def test_balanced_split_gives_the_head_stage_fewer_layers():
+    bench = ModelConfig.from_hf_dict(hf_config("llama", "bench"))  # the LM head weighs ~2.8 layers
+    plan = ParallelPlan.build(bench, pp=2, layers="balanced")
+    assert [(s.first_layer, s.end_layer) for s in plan.stages] == [(0, 9), (9, 16)]
+    assert ParallelPlan.build(LLAMA, pp=2, layers="balanced").stages == ParallelPlan.build(LLAMA, pp=2).stages
+
+
 @pytest.mark.parametrize(
     "config,kwargs,message",
     [
