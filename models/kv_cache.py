@@ -31,6 +31,7 @@ class PagedKVCache(nn.Module):
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots (B, T) -> k, v (B, KVl, T, D), the layout scaled_dot_product_attention takes."""
-        k = self.k[slots].transpose(1, 2)  # (B, KVl, T, D)
-        v = self.v[slots].transpose(1, 2)
+        flat = slots.reshape(-1)
+        k = self.k.index_select(0, flat).view(*slots.shape, *self.k.shape[1:]).transpose(1, 2)  # (B, KVl, T, D)
+        v = self.v.index_select(0, flat).view(*slots.shape, *self.v.shape[1:]).transpose(1, 2)
         return k, v
