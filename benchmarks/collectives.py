@@ -1,6 +1,6 @@
-"""The latency floor under tensor parallelism on this host: a gloo all-reduce of one decode token's
-activations between two fresh processes with one torch thread each, the way a tp=2 stage's ranks run,
-alone and right after a GEMV (as in a layer).
+"""The latency floor under tensor parallelism on this host: an all-reduce of one decode token's activations
+between two fresh processes with one torch thread each, the way a tp=2 stage's ranks run, alone and right
+after a GEMV (as in a layer) — through the shared-memory path a CPU stage uses, and through gloo.
 
     python -m stagemesh.benchmarks.collectives RANK PORT BYTES REPS   (rank 0 prints microseconds as JSON)
 """
@@ -44,10 +44,33 @@ def _measure(rank: int, port: int, nbytes: int, reps: int) -> None:
     alone = _median(lambda: dist.all_reduce(x), reps)
     gemv = _median(lambda: torch.nn.functional.linear(x, weight), reps)
     both = _median(lambda: dist.all_reduce(torch.nn.functional.linear(x, weight)), reps)
+    shm = _shared_memory(rank, port)
+    shm_alone = _median(lambda: shm.all_reduce(x), reps)
+    shm_both = _median(lambda: shm.all_reduce(torch.nn.functional.linear(x, weight)), reps)
     dist.barrier()
     if rank == 0:
-        print(json.dumps({"seconds": alone, "between_gemvs": both - gemv}), flush=True)
+        result = {"seconds": alone, "between_gemvs": both - gemv, "shm_seconds": shm_alone,
+                  "shm_between_gemvs": shm_both - gemv}  # fmt: skip
+        print(json.dumps(result), flush=True)
     dist.destroy_process_group()
+
+
+def _shared_memory(rank: int, port: int):
+    """The stage's shared-memory collectives (stage_worker.shm_collectives) between the two processes."""
+    import torch.distributed as dist
+
+    from stagemesh.stage_worker.shm_collectives import ShmCollectives
+
+    path = f"/dev/shm/stagemesh-probe-{port}"
+    if rank == 0:
+        shm = ShmCollectives(path, 0, 2, 1 << 20, create=True)
+    dist.barrier()
+    if rank == 1:
+        shm = ShmCollectives(path, 1, 2, 1 << 20, create=False)
+    dist.barrier()
+    if rank == 0:
+        os.unlink(path)
+    return shm
 
 
 def _median(fn, reps: int) -> float:

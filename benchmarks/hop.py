@@ -63,8 +63,8 @@ def hop_profile(hidden: torch.Tensor, epoch: int, median_seconds: float, reps: i
             f"Step codec: build + encode + serialise {send * 1e6:.0f} us, parse + decode {receive * 1e6:.0f} us",
             f"the stage servicer's per-step functions in-process (sequence table, step checks, step_work, result "
             f"message): {handlers * 1e6:.0f} us",
-            f"left: {rest * 1e3:.3f} ms of hand-offs between the stage's gRPC poller, event loop, pump task, "
-            "outbox queue and response generator (latency, not CPU work)"]  # fmt: skip
+            f"left: {rest * 1e3:.3f} ms of hand-offs: gRPC's poller thread to the event loop, the step loop to "
+            "the compute thread and back, the write back through gRPC (wake-ups, not CPU work)"]  # fmt: skip
 
 
 def servicer_seconds(step: pb.Step, reps: int = 100) -> float:
