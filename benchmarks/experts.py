@@ -25,7 +25,26 @@ def run_experts(ctx: BenchContext) -> list[Row]:
         del hf
         with ctx.mesh(ctx.layout(ctx.mixtral, ep=1)) as ep1:
             rows.append(expert_ffn_row(ctx, ep1, ep2))
+        with ctx.mesh(ctx.layout(ctx.mixtral, tp=2, ep=2)) as tp2:
+            rows.append(tp_dispatch_row(ctx, ep2, tp2))
     return rows
+
+
+def tp_dispatch_row(ctx: BenchContext, tp1, tp2) -> Row:
+    """Who dispatches when the stage has tp > 1: each rank its slice of the tokens, then an all-gather
+    (stage_worker/expert_router.py). Measured against tp=1, which dispatches every token from one rank."""
+    s = ctx.suite
+    vocab = ModelConfig.from_dir(ctx.mixtral).vocab_size
+    prompts = [make_prompt(s.prompt_tokens, i, vocab) for i in range(s.moe_batch)]
+    mesh_rate(tp1.gateway, prompts, 2), mesh_rate(tp2.gateway, prompts, 2)  # warm-up
+    ctx.advance(f"Mixtral: batch-{len(prompts)} decode, tp=2 vs tp=1 dispatching to ep=2")
+    one, two = alternate(s.reps, lambda: mesh_rate(tp1.gateway, prompts, s.decode_tokens),
+                         lambda: mesh_rate(tp2.gateway, prompts, s.decode_tokens))  # fmt: skip
+    ours, base = median(two), median(one)
+    return Row("tp_dispatch", f"Mixtral decode at batch {len(prompts)}, tp=2 stage dispatching to ep=2",
+               "tp=1 stage, same expert workers", ours, base, "tok/s", ours / base, None,
+               note="each TP rank dispatches its half of the tokens and the ranks all-gather the combined rows; "
+               "1 thread per process", detail={"tp1": one, "tp2": two})  # fmt: skip
 
 
 def moe_decode_row(ctx: BenchContext, mesh, hf) -> Row:

@@ -51,8 +51,9 @@ def families() -> list[Family]:
                 ("stage_hop", "one stage hop"))),
         Family("memory", memory.run_memory, lambda s: 1,
                (("param_bytes", "parameter bytes per worker"), ("load_rss", "peak RSS while loading"))),
-        Family("experts", experts.run_experts, lambda s: 2,
-               (("moe_decode", "Mixtral decode, ep=2"), ("expert_ffn", "expert FFN throughput"))),
+        Family("experts", experts.run_experts, lambda s: 3,
+               (("moe_decode", "Mixtral decode, ep=2"), ("expert_ffn", "expert FFN throughput"),
+                ("tp_dispatch", "Mixtral tp=2 dispatch"))),
     ]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from stagemesh.benchmarks.plots import PLOTS
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
     "decode_vs_hf", "decode_roofline", "mesh_decode", "ttft", "mixed_throughput", "tp_latency", "pp_throughput",
-    "stage_hop", "param_bytes", "load_rss", "moe_decode", "expert_ffn",
+    "stage_hop", "param_bytes", "load_rss", "moe_decode", "expert_ffn", "tp_dispatch",
 }  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
         assert _finite(r["value"]) and r["value"] >= 0, key
         assert r["baseline_value"] is None or (_finite(r["baseline_value"]) and r["baseline_value"] > 0), key
         assert r["ratio"] is None or _finite(r["ratio"]), key
-        assert r["target"] is not None or key == "expert_ffn", key
+        assert r["target"] is not None or key in ("expert_ffn", "tp_dispatch"), key
         if r["verdict"] == "MISS":
             assert r["shortfall"], key
     assert (tmp_path / "checkpoints" / "tiny-llama" / "config.json").is_file()  # the default checkpoint was made
