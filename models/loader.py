@@ -2,7 +2,7 @@
 
 `CheckpointReader` opens the files lazily (safetensors `get_slice`: only the bytes asked for are read).
 `load_shard` walks a built (possibly TP-reshaped, meta-device) model and fills every parameter from the
-checkpoint pieces the TP plan names for it. Pickle weights (`*.bin`, `*.pt`) are refused.
+checkpoint pieces the TP plan names for it. Pickled weights (`*.bin`, `*.pt`) are refused.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class CheckpointReader:
             pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
                 raise CheckpointError(
-                    f"{self.path} holds pickle weights ({', '.join(pickles)}); stagemesh loads safetensors only. "
+                    f"{self.path} holds pickled weights ({', '.join(pickles)}); stagemesh loads safetensors only. "
                     "Convert with transformers: model.save_pretrained(dir, safe_serialization=True)"
                 )
             raise CheckpointError(f"{self.path} has no *.safetensors weight files")

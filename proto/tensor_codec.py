@@ -1,4 +1,4 @@
-"""torch.Tensor <-> the Tensor message: dtype name, shape, raw little-endian bytes (never pickle)."""
+"""torch.Tensor <-> the Tensor message: dtype name, shape, raw little-endian bytes (nothing pickled)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_no_weights(checkpoint, tmp_path):
 def test_pickle_weights_refused(checkpoint, tmp_path):
     d = _copy(checkpoint("llama"), tmp_path / "m")
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pickle weights \\(pytorch_model.bin\\); stagemesh loads safetensors only"):
+    with pytest.raises(CheckpointError, match="pickled weights \\(pytorch_model.bin\\); stagemesh loads safetensors only"):
         build_model(d)
 
 
