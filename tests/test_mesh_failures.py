@@ -138,3 +138,24 @@ def test_dead_worker_fails_requests_with_unavailable(mesh):
         time.sleep(0.2)
     status = cluster_status(mesh.coordinator)
     assert not status.topology.ready and "down: stage 1 rank 0" in status.topology.reason
+
+
+def test_a_dead_tp_peer_fails_requests_with_unavailable_without_hanging(checkpoint):
+    """tp=2 on one host: the ranks meet in shared memory; the leader notices the peer's death by its pid."""
+    mesh = MeshProcess(checkpoint("llama"), "--tp", "2")
+    try:
+        with Client(mesh.gateway, timeout=60) as client:
+            stream = client.stream(GenerationParams([5, 9, 23], max_tokens=500, ignore_eos=True))
+            next(stream)
+            mesh.child("--stage 0", "--tp-rank 1").kill()
+            start = time.monotonic()
+            with pytest.raises(GatewayError) as e:
+                for _ in stream:
+                    pass
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - start < 10
+            with pytest.raises(GatewayError) as e:
+                client.generate(GenerationParams([1, 2], max_tokens=2), timeout=20)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        mesh.stop()
