@@ -177,8 +177,8 @@ def stage_worker_command(coordinator, device, host, port, advertise, threads, st
     """Run a stage worker: one TP rank of one pipeline stage."""
     from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
 
-    opts = StageWorkerOptions(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port,
-                              kv_memory, model_dir, connect_timeout, metrics_port=metrics_port)
+    opts = StageWorkerOptions(coordinator, device, host, port, advertise, threads, model_dir, connect_timeout,
+                              metrics_port, stage=stage, tp_rank=tp_rank, dist_port=dist_port, kv_memory=kv_memory)
     _serve(run_stage_worker(opts))
 
 
@@ -199,8 +199,8 @@ def expert_worker_command(coordinator, device, host, port, advertise, threads, e
     """Run an expert worker: a subset of the experts of every MoE layer (expert parallelism)."""
     from stagemesh.expert_worker.worker import ExpertWorkerOptions, run_expert_worker
 
-    _serve(run_expert_worker(ExpertWorkerOptions(coordinator, device, host, port, advertise, threads,
-                                                 expert_worker_index, model_dir, connect_timeout, metrics_port)))
+    _serve(run_expert_worker(ExpertWorkerOptions(coordinator, device, host, port, advertise, threads, model_dir,
+                                                 connect_timeout, metrics_port, expert_worker_index=expert_worker_index)))
 
 
 @main.command("gateway")

@@ -31,10 +31,6 @@ class NotFound(StagemeshError):
     code = "NOT_FOUND"
 
 
-class Unauthenticated(StagemeshError):
-    code = "UNAUTHENTICATED"
-
-
 class DeadlineExceeded(StagemeshError):
     code = "DEADLINE_EXCEEDED"
 

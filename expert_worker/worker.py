@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
 from stagemesh.expert_worker.engine import ExpertEngine
 from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
 from stagemesh.models.config import ModelConfig
@@ -25,17 +25,8 @@ log = logging.getLogger("stagemesh.experts")
 
 
 @dataclass(frozen=True)
-class ExpertWorkerOptions:
-    coordinator: str
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise: str | None = None
-    threads: int | None = None
-    expert_worker_index: int | None = None
-    model_dir: str | None = None
-    connect_timeout: float = 30.0
-    metrics_port: int | None = None
+class ExpertWorkerOptions(WorkerOptions):
+    expert_worker_index: int | None = None  # ask for this role; None = the next free one
 
 
 def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:

@@ -145,10 +145,6 @@ class Scheduler:
         self.inflight.clear()
         self.pending_release.clear()
 
-    @property
-    def attached(self) -> bool:
-        return self.sink is not None
-
     # ---- events ----
 
     def check_ready(self) -> None:

@@ -73,10 +73,6 @@ class ParallelPlan:
             groups = place_experts(config.num_local_experts, ep, placement, copies or {})
         return cls(tp=tp, pp=pp, ep=ep, stages=stages, expert_groups=groups)
 
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
     def describe(self) -> str:
         text = f"tp={self.tp} pp={self.pp} layers={','.join(s.describe() for s in self.stages)}"
         if self.ep:

@@ -28,7 +28,6 @@ ENV = {
     "insecure": "STAGEMESH_INSECURE",
 }
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # probes need no token (they still need TLS when it is on)
-PUBLIC_SERVICE = "/stagemesh.v1.Generation/"
 
 
 @dataclass(frozen=True)

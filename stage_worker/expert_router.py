@@ -54,8 +54,6 @@ class ExpertPool:
         self._stubs: dict[str, pb_grpc.ExpertsStub] = {}
         self._failed_until: dict[int, float] = {}
         self._lock = threading.Lock()
-        self.calls = 0
-        self.dispatch_seconds = 0.0
 
     def usable(self, worker: int) -> bool:
         d = self.directory()
@@ -86,14 +84,8 @@ class RemoteExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, D), ids (T, K) global expert ids, weights (T, K) float32 -> combined output (T, D)."""
         if self.tp.size == 1:
-            return self._timed_dispatch(x, ids, weights)
+            return self.dispatch(x, ids, weights, excluded=frozenset())
         return self._dispatch_slice_and_gather(x, ids, weights)
-
-    def _timed_dispatch(self, x, ids, weights) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.dispatch(x, ids, weights, excluded=frozenset())
-        self.pool.dispatch_seconds += time.perf_counter() - start
-        return out
 
     def _dispatch_slice_and_gather(self, x, ids, weights) -> torch.Tensor:
         t, rank, size = x.shape[0], self.tp.rank, self.tp.size
@@ -101,7 +93,7 @@ class RemoteExperts(nn.Module):
         rows = slice(min(t, rank * per), min(t, (rank + 1) * per))
         failure = ""
         try:
-            local = self._timed_dispatch(x[rows], ids[rows], weights[rows])  # (<= per, D)
+            local = self.dispatch(x[rows], ids[rows], weights[rows], excluded=frozenset())  # (<= per, D)
         except StagemeshError as e:
             local, failure = torch.zeros_like(x[rows]), str(e)
         status = torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device)
@@ -128,7 +120,6 @@ class RemoteExperts(nn.Module):
                                        weights=encode(weights[rows].float()))  # fmt: skip
             future = self.pool.stub(worker).Compute.future(request, timeout=self.pool.timeout)
             calls.append((worker, rows, worker_ids, future))
-            self.pool.calls += 1
         out = torch.zeros_like(x)
         for worker, rows, worker_ids, future in calls:
             out.index_add_(0, rows, self._result(worker, rows, worker_ids, future, x, weights, excluded))

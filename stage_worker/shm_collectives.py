@@ -19,7 +19,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HEADER = 64  # int64 slots: sequence numbers of up to 32 ranks, then their pids

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.models.engine import parse_dtype
 from stagemesh.models.loader import build_model
@@ -34,21 +34,12 @@ log = logging.getLogger("stagemesh.stage")
 
 
 @dataclass(frozen=True)
-class StageWorkerOptions:
-    coordinator: str
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise: str | None = None
-    threads: int | None = None
-    stage: int | None = None
+class StageWorkerOptions(WorkerOptions):
+    stage: int | None = None  # ask for this role; None = the next free one
     tp_rank: int | None = None
-    dist_port: int = 0
+    dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
     kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
-    model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
-    connect_timeout: float = 30.0
     group_timeout: float = 120.0
-    metrics_port: int | None = None  # Prometheus /metrics (0 = a free one); None = off
 
 
 class StageRuntime:

@@ -129,3 +129,40 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     if not sel.select(timeout):
         return f"(no ready line in {timeout}s)"
     return proc.stdout.readline().strip()
+
+
+def stream_broken_by(gateway: str, victim, max_tokens: int = 500):
+    """Starts a long stream, kills the `victim` process after its first tokens, and returns the error that
+    ended the stream, checked to be UNAVAILABLE within 10 seconds (no hang)."""
+    import time
+
+    import grpc
+    import pytest
+
+    from stagemesh.gateway.client import Client, GatewayError, GenerationParams
+
+    with Client(gateway, timeout=60) as client:
+        stream = client.stream(GenerationParams([5, 9, 23], max_tokens=max_tokens, ignore_eos=True))
+        next(stream)
+        victim.kill()
+        start = time.monotonic()
+        with pytest.raises(GatewayError) as e:
+            for _ in stream:
+                pass
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 10
+    return e.value
+
+
+def new_requests_unavailable(gateway: str) -> bool:
+    """A fresh request after a failure is refused with UNAVAILABLE (with the reason), without hanging."""
+    import grpc
+
+    from stagemesh.gateway.client import Client, GatewayError, GenerationParams
+
+    with Client(gateway, timeout=60) as client:
+        try:
+            client.generate(GenerationParams([1, 2], max_tokens=2), timeout=20)
+        except GatewayError as e:
+            return e.code == grpc.StatusCode.UNAVAILABLE
+    return False

@@ -10,11 +10,11 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from support import MeshProcess, child_env, free_port
+from support import MeshProcess, child_env, free_port, new_requests_unavailable, stream_broken_by
 
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
-from stagemesh.gateway.client import Client, GatewayError, GenerationParams
+from stagemesh.gateway.client import Client, GenerationParams
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc
 from stagemesh.proto.rpc import channel
@@ -117,19 +117,8 @@ def test_unknown_sequence_is_invalid_argument(mesh):
 def test_dead_worker_fails_requests_with_unavailable(mesh):
     """Runs last in this module: it kills stage 1."""
     victim = mesh.child("--stage 1")
-    with Client(mesh.gateway, timeout=60) as client:
-        stream = client.stream(GenerationParams([5, 9, 23], max_tokens=500, ignore_eos=True))
-        next(stream)
-        victim.kill()
-        start = time.monotonic()
-        with pytest.raises(GatewayError) as e:
-            for _ in stream:
-                pass
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() - start < 10
-        with pytest.raises(GatewayError) as e:  # new requests: UNAVAILABLE with the reason, no hang
-            client.generate(GenerationParams([1, 2], max_tokens=2), timeout=20)
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    stream_broken_by(mesh.gateway, victim)
+    assert new_requests_unavailable(mesh.gateway)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not any("stage=1 rank=0" in l and "exited" in l for l in mesh.stderr_lines):
         time.sleep(0.2)
@@ -144,18 +133,7 @@ def test_a_dead_tp_peer_fails_requests_with_unavailable_without_hanging(checkpoi
     """tp=2 on one host: the ranks meet in shared memory; the leader notices the peer's death by its pid."""
     mesh = MeshProcess(checkpoint("llama"), "--tp", "2")
     try:
-        with Client(mesh.gateway, timeout=60) as client:
-            stream = client.stream(GenerationParams([5, 9, 23], max_tokens=500, ignore_eos=True))
-            next(stream)
-            mesh.child("--stage 0", "--tp-rank 1").kill()
-            start = time.monotonic()
-            with pytest.raises(GatewayError) as e:
-                for _ in stream:
-                    pass
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
-            assert time.monotonic() - start < 10
-            with pytest.raises(GatewayError) as e:
-                client.generate(GenerationParams([1, 2], max_tokens=2), timeout=20)
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        stream_broken_by(mesh.gateway, mesh.child("--stage 0", "--tp-rank 1"))
+        assert new_requests_unavailable(mesh.gateway)
     finally:
         mesh.stop()
