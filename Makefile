@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_MODEL ?= checkpoints/llama-small
 
-.PHONY: install tools demo test
+.PHONY: install tools demo lint test
 
 install: $(VENV)/.installed
 
@@ -30,5 +30,9 @@ tools:
 	  else echo "the tests need docker-compose and iproute2: sudo apt-get install docker-compose iproute2" >&2; \
 	    exit 1; fi; }
 
-test: install tools
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install tools lint
 	$(BIN)/python -m pytest

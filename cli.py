@@ -7,7 +7,6 @@ import json
 import sys
 
 import click
-
 from stagemesh.errors import StagemeshError
 
 
@@ -33,9 +32,13 @@ def security_options(command):
         click.option("--tls-ca", envvar="STAGEMESH_TLS_CA", help="The cluster CA certificate peers must be signed by."),
         click.option("--cluster-token", envvar="STAGEMESH_CLUSTER_TOKEN", help="Bearer token of internal services."),
         click.option("--client-token", envvar="STAGEMESH_CLIENT_TOKEN", help="Bearer token of the public API."),
-        click.option("--insecure", is_flag=True, envvar="STAGEMESH_INSECURE",
-                     help="Allow listening beyond loopback with neither TLS nor a token."),
-    ]  # fmt: skip
+        click.option(
+            "--insecure",
+            is_flag=True,
+            envvar="STAGEMESH_INSECURE",
+            help="Allow listening beyond loopback with neither TLS nor a token.",
+        ),
+    ]
 
     @functools.wraps(command)
     def configured(*args, tls_cert, tls_key, tls_ca, cluster_token, client_token, insecure, **kwargs):
@@ -56,15 +59,32 @@ def main() -> None:
 
 
 @main.command("make-checkpoint")
-@click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "mixtral"]), required=True, help="Architecture.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "bench"]), default="tiny", show_default=True,
-              help="Size: tiny (tests), small (demos), bench (~250M, benchmarks).")
+@click.option(
+    "--arch", type=click.Choice(["llama", "mistral", "qwen2", "mixtral"]), required=True, help="Architecture."
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "bench"]),
+    default="tiny",
+    show_default=True,
+    help="Size: tiny (tests), small (demos), bench (~250M, benchmarks).",
+)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64"]), default="float32",
-              show_default=True, help="Dtype the weights are stored in.")
-@click.option("--shards", type=int, default=1, show_default=True,
-              help="Number of safetensors files (with model.safetensors.index.json when > 1).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Dtype the weights are stored in.",
+)
+@click.option(
+    "--shards",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Number of safetensors files (with model.safetensors.index.json when > 1).",
+)
 def make_checkpoint_command(arch, preset, out, seed, dtype, shards) -> None:
     """Write a random-weight checkpoint in Hugging Face layout (config, safetensors, tokenizer)."""
     from stagemesh.models.make_checkpoint import make_checkpoint
@@ -83,13 +103,20 @@ def _ids(text: str | None) -> list[int] | None:
 
 
 @main.command("generate")
-@click.option("--model", "model_dir", type=click.Path(), help="Checkpoint directory: run the reference engine in-process.")
+@click.option(
+    "--model", "model_dir", type=click.Path(), help="Checkpoint directory: run the reference engine in-process."
+)
 @click.option("--gateway", help="HOST:PORT of a running mesh's gateway (instead of --model).")
 @click.option("--prompt", help="Prompt text (needs tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids.")
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate at most.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64"]), default="float32",
-              show_default=True, help="Compute dtype (reference engine only; a mesh's is set by `up`).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype (reference engine only; a mesh's is set by `up`).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (reference engine only).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
@@ -99,8 +126,22 @@ def _ids(text: str | None) -> list[int] | None:
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait (gateway only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @security_options
-def generate_command(model_dir, gateway, prompt, prompt_ids, max_tokens, dtype, device, temperature, top_p,
-                     top_k, seed, ignore_eos, timeout, as_json) -> None:
+def generate_command(
+    model_dir,
+    gateway,
+    prompt,
+    prompt_ids,
+    max_tokens,
+    dtype,
+    device,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    ignore_eos,
+    timeout,
+    as_json,
+) -> None:
     """Generate from a checkpoint (reference engine) or from a running mesh (--gateway)."""
     from stagemesh.gateway.generate import GenerateArgs, run_generate
 
@@ -108,10 +149,25 @@ def generate_command(model_dir, gateway, prompt, prompt_ids, max_tokens, dtype, 
         raise click.UsageError("give exactly one of --model DIR or --gateway HOST:PORT")
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
-    args = GenerateArgs(prompt=prompt, prompt_ids=_ids(prompt_ids), max_tokens=max_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos)
-    result = run_generate(args, model_dir=model_dir, gateway=gateway, dtype=dtype, device=device, timeout=timeout,
-                          on_text=None if as_json else lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    args = GenerateArgs(
+        prompt=prompt,
+        prompt_ids=_ids(prompt_ids),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        ignore_eos=ignore_eos,
+    )
+    result = run_generate(
+        args,
+        model_dir=model_dir,
+        gateway=gateway,
+        dtype=dtype,
+        device=device,
+        timeout=timeout,
+        on_text=None if as_json else lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+    )
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -130,28 +186,74 @@ def _serve(coro) -> None:
 @click.option("--model", "model_dir", required=True, help="Checkpoint directory (as the workers see it).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
-@click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE); 0 keeps experts in the stages.")
-@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31; or `balanced` (the last stage, which "
-              "also streams the LM head, gets fewer layers). Default: an even split.")
-@click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
-              show_default=True, help="How experts are spread over expert workers.")
+@click.option(
+    "--ep", type=int, default=0, show_default=True, help="Expert workers (MoE); 0 keeps experts in the stages."
+)
+@click.option(
+    "--layers",
+    help="Layer range per stage, inclusive: 0-9,10-31; or `balanced` (the last stage, which "
+    "also streams the LM head, gets fewer layers). Default: an even split.",
+)
+@click.option(
+    "--expert-placement",
+    type=click.Choice(["contiguous", "round-robin"]),
+    default="contiguous",
+    show_default=True,
+    help="How experts are spread over expert workers.",
+)
 @click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64", "float16"]), default="float32",
-              show_default=True, help="Weights and activations dtype on every worker.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float64", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Weights and activations dtype on every worker.",
+)
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size in tokens.")
 @click.option("--max-model-len", type=int, default=0, help="Context limit (default: the model's).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one, printed when ready).")
-@click.option("--heartbeat-timeout", type=float, default=5.0, show_default=True,
-              help="Seconds of silence before a worker is marked down.")
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds of silence before a worker is marked down.",
+)
 @security_options
-def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, block_size,
-                        max_model_len, host, port, heartbeat_timeout) -> None:
+def coordinator_command(
+    model_dir,
+    tp,
+    pp,
+    ep,
+    layers,
+    expert_placement,
+    expert_replicas,
+    dtype,
+    block_size,
+    max_model_len,
+    host,
+    port,
+    heartbeat_timeout,
+) -> None:
     """Run the coordinator: validate the plan, assign roles to workers, publish the topology."""
     from stagemesh.coordinator.server import CoordinatorOptions, build_roster, serve
 
-    opts = CoordinatorOptions(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, block_size,
-                              max_model_len, host, port, heartbeat_timeout)
+    opts = CoordinatorOptions(
+        model_dir,
+        tp,
+        pp,
+        ep,
+        layers,
+        expert_placement,
+        expert_replicas,
+        dtype,
+        block_size,
+        max_model_len,
+        host,
+        port,
+        heartbeat_timeout,
+    )
     build_roster(opts)  # refuse an impossible plan before anything listens
     _serve(serve(opts))
 
@@ -165,20 +267,53 @@ def coordinator_command(model_dir, tp, pp, ep, layers, expert_placement, expert_
 @click.option("--threads", type=int, help="torch threads for this worker.")
 @click.option("--stage", type=int, help="Ask for this pipeline stage (default: the next free role).")
 @click.option("--tp-rank", type=int, help="Ask for this TP rank within the stage.")
-@click.option("--dist-port", type=int, default=0, show_default=True,
-              help="Port of the stage's torch.distributed store when this worker is TP rank 0 (0 = free).")
+@click.option(
+    "--dist-port",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Port of the stage's torch.distributed store when this worker is TP rank 0 (0 = free).",
+)
 @click.option("--kv-memory", help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).")
 @click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
-@click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
+@click.option(
+    "--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator."
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 @security_options
-def stage_worker_command(coordinator, device, host, port, advertise, threads, stage, tp_rank, dist_port, kv_memory,
-                         model_dir, connect_timeout, metrics_port) -> None:
+def stage_worker_command(
+    coordinator,
+    device,
+    host,
+    port,
+    advertise,
+    threads,
+    stage,
+    tp_rank,
+    dist_port,
+    kv_memory,
+    model_dir,
+    connect_timeout,
+    metrics_port,
+) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
     from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
 
-    opts = StageWorkerOptions(coordinator, device, host, port, advertise, threads, model_dir, connect_timeout,
-                              metrics_port, stage=stage, tp_rank=tp_rank, dist_port=dist_port, kv_memory=kv_memory)
+    opts = StageWorkerOptions(
+        coordinator,
+        device,
+        host,
+        port,
+        advertise,
+        threads,
+        model_dir,
+        connect_timeout,
+        metrics_port,
+        stage=stage,
+        tp_rank=tp_rank,
+        dist_port=dist_port,
+        kv_memory=kv_memory,
+    )
     _serve(run_stage_worker(opts))
 
 
@@ -191,16 +326,33 @@ def stage_worker_command(coordinator, device, host, port, advertise, threads, st
 @click.option("--threads", type=int, help="torch threads for this worker.")
 @click.option("--expert-worker-index", type=int, help="Ask for this expert worker role (default: the next free one).")
 @click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
-@click.option("--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator.")
+@click.option(
+    "--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator."
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 @security_options
-def expert_worker_command(coordinator, device, host, port, advertise, threads, expert_worker_index, model_dir,
-                          connect_timeout, metrics_port) -> None:
+def expert_worker_command(
+    coordinator, device, host, port, advertise, threads, expert_worker_index, model_dir, connect_timeout, metrics_port
+) -> None:
     """Run an expert worker: a subset of the experts of every MoE layer (expert parallelism)."""
     from stagemesh.expert_worker.worker import ExpertWorkerOptions, run_expert_worker
 
-    _serve(run_expert_worker(ExpertWorkerOptions(coordinator, device, host, port, advertise, threads, model_dir,
-                                                 connect_timeout, metrics_port, expert_worker_index=expert_worker_index)))
+    _serve(
+        run_expert_worker(
+            ExpertWorkerOptions(
+                coordinator,
+                device,
+                host,
+                port,
+                advertise,
+                threads,
+                model_dir,
+                connect_timeout,
+                metrics_port,
+                expert_worker_index=expert_worker_index,
+            )
+        )
+    )
 
 
 @main.command("gateway")
@@ -209,47 +361,90 @@ def expert_worker_command(coordinator, device, host, port, advertise, threads, e
 @click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
 @click.option("--advertise", help="Host clients reach the gateway at (default: --host).")
 @click.option("--model", "model_dir", help="Checkpoint directory on this host (tokenizer, config), if not the plan's.")
-@click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step (chunked prefill).")
-@click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting for KV space before RESOURCE_EXHAUSTED.")
+@click.option(
+    "--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step (chunked prefill)."
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Requests waiting for KV space before RESOURCE_EXHAUSTED.",
+)
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 @security_options
-def gateway_command(coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running,
-                    metrics_port) -> None:
+def gateway_command(
+    coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running, metrics_port
+) -> None:
     """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
     from stagemesh.gateway.scheduler import SchedulerLimits
     from stagemesh.gateway.service import GatewayOptions, run_gateway
 
     limits = SchedulerLimits(max_step_tokens, max_queue, max_running)
-    _serve(run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits,
-                                      metrics_port=metrics_port)))
+    _serve(
+        run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits, metrics_port=metrics_port))
+    )
 
 
 @main.command("up")
-@click.option("--config", type=click.Path(dir_okay=False),
-              help="Cluster description (YAML): run all its hosts' services here, instead of the flags below.")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    help="Cluster description (YAML): run all its hosts' services here, instead of the flags below.",
+)
 @click.option("--model", "model_dir", help="Checkpoint directory (required without --config).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
 @click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE).")
 @click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31; or `balanced`. Default: an even split.")
-@click.option("--expert-placement", type=click.Choice(["contiguous", "round-robin"]), default="contiguous",
-              show_default=True, help="How experts are spread over expert workers.")
+@click.option(
+    "--expert-placement",
+    type=click.Choice(["contiguous", "round-robin"]),
+    default="contiguous",
+    show_default=True,
+    help="How experts are spread over expert workers.",
+)
 @click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (workers spread over the GPUs).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float64", "float16"]), default="float32",
-              show_default=True, help="Compute dtype of every worker.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float64", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of every worker.",
+)
 @click.option("--threads", type=int, help="torch threads per worker (default: cores / workers).")
 @click.option("--kv-memory", help="KV cache budget per worker, e.g. 64MiB.")
 @click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step.")
-@click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting before RESOURCE_EXHAUSTED.")
+@click.option(
+    "--max-queue", type=int, default=256, show_default=True, help="Requests waiting before RESOURCE_EXHAUSTED."
+)
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
 @security_options
-def up_command(config, model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, device, dtype, threads,
-               kv_memory, max_step_tokens, max_queue, max_running, metrics_port, host, port) -> None:
+def up_command(
+    config,
+    model_dir,
+    tp,
+    pp,
+    ep,
+    layers,
+    expert_placement,
+    expert_replicas,
+    device,
+    dtype,
+    threads,
+    kv_memory,
+    max_step_tokens,
+    max_queue,
+    max_running,
+    metrics_port,
+    host,
+    port,
+) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
     from stagemesh.deploy.launcher import MeshLayout, run_cluster_up, run_up
 
@@ -258,13 +453,48 @@ def up_command(config, model_dir, tp, pp, ep, layers, expert_placement, expert_r
         return run_cluster_up(config)
     if model_dir is None:
         raise click.UsageError("give --model DIR (or --config FILE)")
-    run_up(MeshLayout(model_dir, tp, pp, ep, layers, expert_placement, expert_replicas, dtype, device, threads,
-                      kv_memory, host, port, max_step_tokens=max_step_tokens, max_queue=max_queue,
-                      max_running=max_running, metrics_port=metrics_port))
+    run_up(
+        MeshLayout(
+            model_dir,
+            tp,
+            pp,
+            ep,
+            layers,
+            expert_placement,
+            expert_replicas,
+            dtype,
+            device,
+            threads,
+            kv_memory,
+            host,
+            port,
+            max_step_tokens=max_step_tokens,
+            max_queue=max_queue,
+            max_running=max_running,
+            metrics_port=metrics_port,
+        )
+    )
 
 
-_LAYOUT_PARAMS = ("model_dir", "tp", "pp", "ep", "layers", "expert_placement", "expert_replicas", "device", "dtype",
-                  "threads", "kv_memory", "max_step_tokens", "max_queue", "max_running", "metrics_port", "host", "port")
+_LAYOUT_PARAMS = (
+    "model_dir",
+    "tp",
+    "pp",
+    "ep",
+    "layers",
+    "expert_placement",
+    "expert_replicas",
+    "device",
+    "dtype",
+    "threads",
+    "kv_memory",
+    "max_step_tokens",
+    "max_queue",
+    "max_running",
+    "metrics_port",
+    "host",
+    "port",
+)
 
 
 def _refuse_besides_config(ctx: click.Context) -> None:
@@ -302,17 +532,39 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 
 
 @main.command("bench")
-@click.option("--suite", type=click.Choice(["quick", "full", "smoke"]), default="quick", show_default=True,
-              help="quick: the published numbers (<10 min on 2 cores); full: longer runs, wider sweeps; "
-                   "smoke: tiny checkpoints, seconds (CI).")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False),
-              help="Llama-family checkpoint (default: the suite's, generated into ./checkpoints/ on first use).")
-@click.option("--mixtral", "mixtral_dir", type=click.Path(file_okay=False),
-              help="Mixtral checkpoint for the expert-parallel rows (default: generated like --model).")
-@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
-              help="Folder for results.json, results.md, the PNG plots and the meshes' logs.")
-@click.option("--only", multiple=True, type=click.Choice(["decode", "serving", "parallel", "memory", "experts"]),
-              help="Run only these families of rows (repeatable); default: all.")
+@click.option(
+    "--suite",
+    type=click.Choice(["quick", "full", "smoke"]),
+    default="quick",
+    show_default=True,
+    help="quick: the published numbers (<10 min on 2 cores); full: longer runs, wider sweeps; "
+    "smoke: tiny checkpoints, seconds (CI).",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Llama-family checkpoint (default: the suite's, generated into ./checkpoints/ on first use).",
+)
+@click.option(
+    "--mixtral",
+    "mixtral_dir",
+    type=click.Path(file_okay=False),
+    help="Mixtral checkpoint for the expert-parallel rows (default: generated like --model).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="bench-results",
+    show_default=True,
+    help="Folder for results.json, results.md, the PNG plots and the meshes' logs.",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    type=click.Choice(["decode", "serving", "parallel", "memory", "experts"]),
+    help="Run only these families of rows (repeatable); default: all.",
+)
 def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:
     """Measure the mesh against baselines run side by side (HF generate, the in-process engine, tp/pp/ep=1)
     and write the table, the ratios to their targets, and plots."""
@@ -323,10 +575,18 @@ def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:
 
 @main.command("certs")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write into.")
-@click.option("--names", default="coordinator,gateway,worker,client", show_default=True,
-              help="Comma-separated component names: one certificate each.")
-@click.option("--hosts", default="localhost,127.0.0.1", show_default=True,
-              help="Comma-separated host names and IP addresses every certificate is valid for.")
+@click.option(
+    "--names",
+    default="coordinator,gateway,worker,client",
+    show_default=True,
+    help="Comma-separated component names: one certificate each.",
+)
+@click.option(
+    "--hosts",
+    default="localhost,127.0.0.1",
+    show_default=True,
+    help="Comma-separated host names and IP addresses every certificate is valid for.",
+)
 @click.option("--days", type=int, default=365, show_default=True, help="Validity.")
 @click.option("--cluster", default="stagemesh", show_default=True, help="Cluster name in the certificates.")
 def certs_command(out, names, hosts, days, cluster) -> None:

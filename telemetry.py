@@ -3,7 +3,7 @@ stage and expert workers expose the same stats they send the coordinator in hear
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -31,8 +31,9 @@ class WorkerCollector:
         kv = GaugeMetricFamily("stagemesh_worker_kv_blocks_used", "KV blocks held by live sequences.", labels=names)
         kv.add_metric(values, s.kv_blocks_used)
         yield from (steps, busy, kv)
-        load = CounterMetricFamily("stagemesh_expert_tokens", "Tokens routed to each expert.",
-                                   labels=[*names, "layer", "expert"])  # fmt: skip
+        load = CounterMetricFamily(
+            "stagemesh_expert_tokens", "Tokens routed to each expert.", labels=[*names, "layer", "expert"]
+        )
         for layer in s.expert_load:
             for expert, tokens in zip(layer.expert_ids, layer.tokens):
                 load.add_metric([*values, str(layer.layer), str(expert)], tokens)

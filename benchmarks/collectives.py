@@ -24,9 +24,9 @@ def allreduce_latency(nbytes: int, reps: int = 300) -> dict[str, float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    argv = lambda r: [sys.executable, "-m", "stagemesh.benchmarks.collectives", str(r), str(port), str(nbytes),  # noqa: E731
-                      str(reps)]  # fmt: skip
-    procs = [subprocess.Popen(argv(r), stdout=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
+    module = [sys.executable, "-m", "stagemesh.benchmarks.collectives"]
+    argv = [[*module, str(r), str(port), str(nbytes), str(reps)] for r in (0, 1)]
+    procs = [subprocess.Popen(argv[r], stdout=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"all-reduce probe exited with {[p.returncode for p in procs]}")
@@ -49,8 +49,12 @@ def _measure(rank: int, port: int, nbytes: int, reps: int) -> None:
     shm_both = _median(lambda: shm.all_reduce(torch.nn.functional.linear(x, weight)), reps)
     dist.barrier()
     if rank == 0:
-        result = {"seconds": alone, "between_gemvs": both - gemv, "shm_seconds": shm_alone,
-                  "shm_between_gemvs": shm_both - gemv}  # fmt: skip
+        result = {
+            "seconds": alone,
+            "between_gemvs": both - gemv,
+            "shm_seconds": shm_alone,
+            "shm_between_gemvs": shm_both - gemv,
+        }
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()
 
@@ -58,7 +62,6 @@ def _measure(rank: int, port: int, nbytes: int, reps: int) -> None:
 def _shared_memory(rank: int, port: int):
     """The stage's shared-memory collectives (stage_worker.shm_collectives) between the two processes."""
     import torch.distributed as dist
-
     from stagemesh.stage_worker.shm_collectives import ShmCollectives
 
     path = f"/dev/shm/stagemesh-probe-{port}"

@@ -4,9 +4,9 @@ models (loaded once, dropped when no longer needed), the plot series the cases f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from stagemesh.benchmarks.suite import Suite
 from stagemesh.deploy.launcher import LocalMesh, MeshLayout
@@ -42,8 +42,18 @@ class BenchContext:
 
     def layout(self, model_dir: str, tp: int = 1, pp: int = 1, ep: int = 0, threads: int = 1) -> MeshLayout:
         """A float32 CPU mesh with `threads` torch threads in every worker; pipelines use `--layers balanced`."""
-        return MeshLayout(model_dir, tp, pp, ep, layers="balanced" if pp > 1 else None, threads=threads,
-                          kv_memory="256MiB", dtype="float32", max_step_tokens=512, metrics_port=None)  # fmt: skip
+        return MeshLayout(
+            model_dir,
+            tp,
+            pp,
+            ep,
+            layers="balanced" if pp > 1 else None,
+            threads=threads,
+            kv_memory="256MiB",
+            dtype="float32",
+            max_step_tokens=512,
+            metrics_port=None,
+        )
 
     @contextlib.contextmanager
     def mesh(self, layout: MeshLayout) -> Iterator[LocalMesh]:

@@ -4,7 +4,6 @@ checkpoint and threads, and against the memory-bandwidth roofline measured in th
 from __future__ import annotations
 
 import torch
-
 from stagemesh.benchmarks.context import THREADS, BenchContext, make_prompt
 from stagemesh.benchmarks.hf import hf_generate, load_hf
 from stagemesh.benchmarks.profiles import torch_top_ops
@@ -31,8 +30,9 @@ def engine_generate(eng, prompts: list[list[int]], max_tokens: int) -> None:
 
 def engine_rate(eng, prompt: list[int], n: int) -> float:
     """Batch-1 decode tokens/s of the reference engine, prefill left out."""
-    return decode_rate(1, n, timed(lambda: engine_generate(eng, [prompt], 1)),
-                       timed(lambda: engine_generate(eng, [prompt], n)))  # fmt: skip
+    return decode_rate(
+        1, n, timed(lambda: engine_generate(eng, [prompt], 1)), timed(lambda: engine_generate(eng, [prompt], n))
+    )
 
 
 def hf_rate(hf, prompt: list[int], n: int) -> float:
@@ -50,10 +50,18 @@ def run_decode(ctx: BenchContext) -> list[Row]:
     hf_samples, eng_samples = alternate(s.reps, lambda: hf_rate(hf, prompt, n), lambda: engine_rate(eng, prompt, n))
     bandwidths.append(read_bandwidth())
     ours, base = median(eng_samples), median(hf_samples)
-    speed = Row("decode_vs_hf", f"batch-1 decode, reference engine, {THREADS} threads",
-                "HF generate, same checkpoint and threads", ours, base, "tok/s", ours / base, Target("ratio>=", 1.1),
-                note=f"decode only: (t({n}) - t(1)) / {n - 1}, {len(prompt)}-token prompt",
-                detail={"engine": eng_samples, "hf": hf_samples})  # fmt: skip
+    speed = Row(
+        "decode_vs_hf",
+        f"batch-1 decode, reference engine, {THREADS} threads",
+        "HF generate, same checkpoint and threads",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        Target("ratio>=", 1.1),
+        note=f"decode only: (t({n}) - t(1)) / {n - 1}, {len(prompt)}-token prompt",
+        detail={"engine": eng_samples, "hf": hf_samples},
+    )
     roofline = roofline_row(eng, ours, max(bandwidths, key=lambda b: b["best"]))
     if speed.missed or roofline.missed:
         profile = gemv_line(eng, ours) + decode_profile(eng, hf, prompt, s.profile_steps)
@@ -66,21 +74,33 @@ def gemv_line(eng, tokens_per_s: float) -> list[str]:
     weight_bytes = decode_weight_bytes(eng.model, eng.config.tie_word_embeddings)
     floor = gemv_floor(eng.model, eng.config.tie_word_embeddings)
     step = 1 / tokens_per_s
-    return [f"decode step {step * 1e3:.1f} ms; the same weight matrices through F.linear back to back, nothing else: "
-            f"{floor * 1e3:.1f} ms ({weight_bytes / floor / 1e9:.1f} GB/s); the other {(step - floor) * 1e3:.1f} ms "
-            "are attention, norms, rotary, residuals, sampling and Python dispatch"]
+    return [
+        f"decode step {step * 1e3:.1f} ms; the same weight matrices through F.linear back to back, nothing else: "
+        f"{floor * 1e3:.1f} ms ({weight_bytes / floor / 1e9:.1f} GB/s); the other {(step - floor) * 1e3:.1f} ms "
+        "are attention, norms, rotary, residuals, sampling and Python dispatch"
+    ]
 
 
 def roofline_row(eng, tokens_per_s: float, bandwidth: dict) -> Row:
     weight_bytes = decode_weight_bytes(eng.model, eng.config.tie_word_embeddings)
     achieved = weight_bytes * tokens_per_s
-    note = (f"{weight_bytes / 1e6:.0f} MB of weights read per token x {tokens_per_s:.1f} tok/s; read bandwidth "
-            f"gemv {bandwidth['gemv'] / 1e9:.1f} GB/s, sum {bandwidth['sum'] / 1e9:.1f} GB/s "
-            f"({bandwidth['threads']} threads, {bandwidth['bytes'] / 2**20:.0f} MiB)")  # fmt: skip
-    return Row("decode_roofline", "batch-1 decode, share of the memory-bandwidth roofline",
-               f"best read bandwidth measured ({bandwidth['best_kind']})", achieved / 1e9, bandwidth["best"] / 1e9,
-               "GB/s", achieved / bandwidth["best"], Target("ratio>=", 0.85), note=note,
-               detail={"weight_bytes": weight_bytes, "bandwidth": bandwidth})  # fmt: skip
+    note = (
+        f"{weight_bytes / 1e6:.0f} MB of weights read per token x {tokens_per_s:.1f} tok/s; read bandwidth "
+        f"gemv {bandwidth['gemv'] / 1e9:.1f} GB/s, sum {bandwidth['sum'] / 1e9:.1f} GB/s "
+        f"({bandwidth['threads']} threads, {bandwidth['bytes'] / 2**20:.0f} MiB)"
+    )
+    return Row(
+        "decode_roofline",
+        "batch-1 decode, share of the memory-bandwidth roofline",
+        f"best read bandwidth measured ({bandwidth['best_kind']})",
+        achieved / 1e9,
+        bandwidth["best"] / 1e9,
+        "GB/s",
+        achieved / bandwidth["best"],
+        Target("ratio>=", 0.85),
+        note=note,
+        detail={"weight_bytes": weight_bytes, "bandwidth": bandwidth},
+    )
 
 
 def decode_profile(eng, hf, prompt: list[int], steps: int) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from stagemesh.benchmarks.context import THREADS, BenchContext, make_prompt
 from stagemesh.benchmarks.hf import hf_generate, load_hf
 from stagemesh.benchmarks.profiles import busy_summary, mesh_run_profile, torch_top_ops
@@ -38,29 +37,52 @@ def tp_dispatch_row(ctx: BenchContext, tp1, tp2) -> Row:
     prompts = [make_prompt(s.prompt_tokens, i, vocab) for i in range(s.moe_batch)]
     mesh_rate(tp1.gateway, prompts, 2), mesh_rate(tp2.gateway, prompts, 2)  # warm-up
     ctx.advance(f"Mixtral: batch-{len(prompts)} decode, tp=2 vs tp=1 dispatching to ep=2")
-    one, two = alternate(s.reps, lambda: mesh_rate(tp1.gateway, prompts, s.decode_tokens),
-                         lambda: mesh_rate(tp2.gateway, prompts, s.decode_tokens))  # fmt: skip
+    one, two = alternate(
+        s.reps,
+        lambda: mesh_rate(tp1.gateway, prompts, s.decode_tokens),
+        lambda: mesh_rate(tp2.gateway, prompts, s.decode_tokens),
+    )
     ours, base = median(two), median(one)
-    return Row("tp_dispatch", f"Mixtral decode at batch {len(prompts)}, tp=2 stage dispatching to ep=2",
-               "tp=1 stage, same expert workers", ours, base, "tok/s", ours / base, None,
-               note="each TP rank dispatches its half of the tokens and the ranks all-gather the combined rows; "
-               "1 thread per process", detail={"tp1": one, "tp2": two})  # fmt: skip
+    return Row(
+        "tp_dispatch",
+        f"Mixtral decode at batch {len(prompts)}, tp=2 stage dispatching to ep=2",
+        "tp=1 stage, same expert workers",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        None,
+        note="each TP rank dispatches its half of the tokens and the ranks all-gather the combined rows; "
+        "1 thread per process",
+        detail={"tp1": one, "tp2": two},
+    )
 
 
 def moe_decode_row(ctx: BenchContext, mesh, hf) -> Row:
     s = ctx.suite
     prompts = [make_prompt(s.prompt_tokens, i, hf.config.vocab_size) for i in range(s.moe_batch)]
     n = s.decode_tokens
-    hf_decode = lambda: decode_rate(len(prompts), n, timed(lambda: hf_generate(hf, prompts, 1)),  # noqa: E731
-                                    timed(lambda: hf_generate(hf, prompts, n)))  # fmt: skip
+
+    def hf_decode():
+        prefill_s = timed(lambda: hf_generate(hf, prompts, 1))
+        return decode_rate(len(prompts), n, prefill_s, timed(lambda: hf_generate(hf, prompts, n)))
+
     mesh_rate(mesh.gateway, prompts, 2), hf_generate(hf, prompts, 2)  # warm-up
     ctx.advance(f"Mixtral: batch-{len(prompts)} decode, mesh ep=2 vs HF")
     hf_s, mesh_s = alternate(s.reps, hf_decode, lambda: mesh_rate(mesh.gateway, prompts, n))
     ours, base = median(mesh_s), median(hf_s)
-    row = Row("moe_decode", f"Mixtral decode at batch {len(prompts)} through the mesh, ep=2, 1 thread per worker",
-              f"HF Mixtral generate, {THREADS} threads", ours, base, "tok/s", ours / base, Target("ratio>=", 1.0),
-              note=f"decode only, {len(prompts)} x (t({n}) - t(1)) / {n - 1}; {_shape(ctx.mixtral)}",
-              detail={"mesh": mesh_s, "hf": hf_s})  # fmt: skip
+    row = Row(
+        "moe_decode",
+        f"Mixtral decode at batch {len(prompts)} through the mesh, ep=2, 1 thread per worker",
+        f"HF Mixtral generate, {THREADS} threads",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        Target("ratio>=", 1.0),
+        note=f"decode only, {len(prompts)} x (t({n}) - t(1)) / {n - 1}; {_shape(ctx.mixtral)}",
+        detail={"mesh": mesh_s, "hf": hf_s},
+    )
     if row.missed:
         lines, delta = mesh_run_profile(mesh, [(p, n) for p in prompts])
         hf_ops = torch_top_ops(lambda: hf_generate(hf, prompts, n), n, "HF Mixtral generate")
@@ -74,16 +96,20 @@ def dispatch_line(delta: dict[str, tuple[int, float]]) -> str:
     calls = sum(steps for role, (steps, _) in delta.items() if role.startswith("experts"))
     expert_busy = sum(busy for role, (_, busy) in delta.items() if role.startswith("experts"))
     per = max(stage_steps, 1)
-    return (f"per step the stage took {stage_busy / per * 1e3:.1f} ms and waited on {calls / per:.1f} expert calls, "
-            f"which computed {expert_busy / per * 1e3:.1f} ms in the expert workers; the other "
-            f"{(stage_busy - expert_busy) / per * 1e3:.1f} ms are the stage's attention and router plus dispatch: "
-            "encoding, blocking gRPC round trips (one per layer and worker), decoding")
+    return (
+        f"per step the stage took {stage_busy / per * 1e3:.1f} ms and waited on {calls / per:.1f} expert calls, "
+        f"which computed {expert_busy / per * 1e3:.1f} ms in the expert workers; the other "
+        f"{(stage_busy - expert_busy) / per * 1e3:.1f} ms are the stage's attention and router plus dispatch: "
+        "encoding, blocking gRPC round trips (one per layer and worker), decoding"
+    )
 
 
 def _shape(path: str) -> str:
     c = ModelConfig.from_dir(path)
-    return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts of "
-            f"{c.intermediate_size}, top-{c.num_experts_per_tok}")  # fmt: skip
+    return (
+        f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts of "
+        f"{c.intermediate_size}, top-{c.num_experts_per_tok}"
+    )
 
 
 def expert_ffn_row(ctx: BenchContext, ep1, ep2) -> Row:
@@ -94,16 +120,28 @@ def expert_ffn_row(ctx: BenchContext, ep1, ep2) -> Row:
     base_s, ours_s = alternate(s.reps, lambda: one.throughput(s.expert_rounds), lambda: two.throughput(s.expert_rounds))
     ours, base = median(ours_s), median(base_s)
     ctx.add_series("scaling", f"ep: expert FFN throughput, batch {s.expert_batch}", [[1, 1.0], [2, ours / base]])
-    profile = [f"ep={e}: {line}" for e, mesh, load in ((1, ep1, one), (2, ep2, two))
-               for line in ffn_profile(mesh, load, s.expert_rounds)]  # fmt: skip
-    return Row("expert_ffn", f"expert FFN throughput, ep=2, batch {s.expert_batch}, 1 thread per expert worker",
-               "ep=1, 1 thread", ours, base, "tok/s", ours / base, None,
-               note="tokens through every MoE layer's experts per second, random top-2 routing, dispatched by the "
-               "stage's RemoteExperts over gRPC; near-linear scaling would be ~2x", profile=profile,
-               detail={"ep1": base_s, "ep2": ours_s})  # fmt: skip
+    profile = [
+        f"ep={e}: {line}"
+        for e, mesh, load in ((1, ep1, one), (2, ep2, two))
+        for line in ffn_profile(mesh, load, s.expert_rounds)
+    ]
+    return Row(
+        "expert_ffn",
+        f"expert FFN throughput, ep=2, batch {s.expert_batch}, 1 thread per expert worker",
+        "ep=1, 1 thread",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        None,
+        note="tokens through every MoE layer's experts per second, random top-2 routing, dispatched by the "
+        "stage's RemoteExperts over gRPC; near-linear scaling would be ~2x",
+        profile=profile,
+        detail={"ep1": base_s, "ep2": ours_s},
+    )
 
 
-def ffn_profile(mesh, load: "ExpertLoad", rounds: int) -> list[str]:
+def ffn_profile(mesh, load: ExpertLoad, rounds: int) -> list[str]:
     """The expert workers' own compute time during one more measurement, against its wall time."""
     from stagemesh.benchmarks.meshes import stats_delta, worker_stats
 

@@ -17,32 +17,60 @@ import time
 from pathlib import Path
 
 import torch
-
 from stagemesh.benchmarks.timing import decode_rate, median
 
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, max_position_embeddings=512),
-}  # fmt: skip
+    "llama3-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=512,
+    ),
+}
 BATCHES = (1, 32)
 SHARD_BYTES = 4 << 30
 
 
 def llama_config(shape: str) -> dict:
     original = min(8192, SHAPES[shape]["max_position_embeddings"] // 8)  # Llama 3.1's RoPE scaling, as HF wants it
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPES[shape], "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": original}}  # fmt: skip
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        **SHAPES[shape],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original,
+        },
+    }
 
 
 def write_checkpoint(out: Path, shape: str, device: str) -> Path:
     """Random bf16 weights made on `device` (fast), written as safetensors shards with an index."""
     from safetensors.torch import save_file
-
     from stagemesh.models.config import ModelConfig
     from stagemesh.models.loader import hf_shape
     from stagemesh.models.make_checkpoint import checkpoint_tensor_names
@@ -123,8 +151,12 @@ def hf_rates(path: Path, device: str, n: int, prompt_len: int, reps: int) -> dic
     @torch.inference_mode()
     def run(batch: int, tokens: int) -> float:
         ids = torch.tensor(prompts(batch, prompt_len, vocab), device=device)
-        return _timed(lambda: model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                             eos_token_id=None, pad_token_id=0), device)  # fmt: skip
+        return _timed(
+            lambda: model.generate(
+                ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            ),
+            device,
+        )
 
     return _rates(run, n, reps)  # the model goes with `run`
 
@@ -147,9 +179,9 @@ def pipeline_rates(path: Path, device: str, batch: int, prompt_len: int, n: int,
     results = {}
     for world in (1, 2):
         port = _free_port()
-        argv = lambda r: [sys.executable, "-m", "stagemesh.benchmarks.gpu_pipeline", str(path), str(r), str(world),  # noqa: E731
-                          str(port), device, str(batch), str(prompt_len), str(n), str(reps)]  # fmt: skip
-        procs = [subprocess.Popen(argv(r), stdout=subprocess.PIPE, text=True) for r in range(world)]
+        args = [str(world), str(port), device, str(batch), str(prompt_len), str(n), str(reps)]
+        module = [sys.executable, "-m", "stagemesh.benchmarks.gpu_pipeline", str(path)]
+        procs = [subprocess.Popen([*module, str(r), *args], stdout=subprocess.PIPE, text=True) for r in range(world)]
         outs = [p.communicate(timeout=900)[0] for p in procs]
         if any(p.returncode for p in procs):
             raise RuntimeError(f"pp={world} pipeline exited with {[p.returncode for p in procs]}")
@@ -185,9 +217,20 @@ def run_check(out: Path, checkpoint: Path, shape: str, device: str, tokens: int,
     _free(device), phase("HF eager generate")
     pp = pipeline_rates(checkpoint, device, BATCHES[-1], prompt_len, tokens, reps)
     phase("pp=1 vs pp=2")
-    return {"device": _device_name(device), "shape": shape, "torch": torch.__version__, "transformers": _hf_version(),
-            "tokens": tokens, "prompt_tokens": prompt_len, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
-            "engine": ours, "hf_eager": theirs, "pipeline": pp, "seconds": phases}  # fmt: skip
+    return {
+        "device": _device_name(device),
+        "shape": shape,
+        "torch": torch.__version__,
+        "transformers": _hf_version(),
+        "tokens": tokens,
+        "prompt_tokens": prompt_len,
+        "copy_bandwidth": bandwidth,
+        "weight_bytes": weight_bytes,
+        "engine": ours,
+        "hf_eager": theirs,
+        "pipeline": pp,
+        "seconds": phases,
+    }
 
 
 def _free(device: str) -> None:
@@ -209,21 +252,31 @@ def _hf_version() -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"GPU check on {r['device']} ({r['shape']}, bf16, torch {r['torch']}, transformers {r['transformers']}); "
-             f"decode tokens/s = batch x (t({r['tokens']}) - t(1)) / {r['tokens'] - 1}, "
-             f"{r['prompt_tokens']}-token prompts.",
-             "", "| what | stagemesh | baseline (same run) | ratio |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"GPU check on {r['device']} ({r['shape']}, bf16, torch {r['torch']}, transformers {r['transformers']}); "
+        f"decode tokens/s = batch x (t({r['tokens']}) - t(1)) / {r['tokens'] - 1}, "
+        f"{r['prompt_tokens']}-token prompts.",
+        "",
+        "| what | stagemesh | baseline (same run) | ratio |",
+        "|---|---|---|---|",
+    ]
     for b in BATCHES:
         ours, theirs = r["engine"][b], r["hf_eager"][b]
-        lines.append(f"| decode tok/s, batch {b}, ModelRunner vs HF eager generate | {ours:.1f} | {theirs:.1f} | "
-                     f"{ours / theirs:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| decode tok/s, batch {b}, ModelRunner vs HF eager generate | {ours:.1f} | {theirs:.1f} | "
+            f"{ours / theirs:.2f}x |"
+        )
     achieved = r["weight_bytes"] * r["engine"][1]
-    lines.append(f"| batch-1 share of HBM roofline ({r['weight_bytes'] / 1e9:.1f} GB/token) | "
-                 f"{achieved / 1e9:.0f} GB/s | "
-                 f"copy {r['copy_bandwidth'] / 1e9:.0f} GB/s | {achieved / r['copy_bandwidth']:.1%} |")
+    lines.append(
+        f"| batch-1 share of HBM roofline ({r['weight_bytes'] / 1e9:.1f} GB/token) | "
+        f"{achieved / 1e9:.0f} GB/s | "
+        f"copy {r['copy_bandwidth'] / 1e9:.0f} GB/s | {achieved / r['copy_bandwidth']:.1%} |"
+    )
     one, two = r["pipeline"]["pp=1"]["tokens_per_s"], r["pipeline"]["pp=2"]["tokens_per_s"]
-    lines.append(f"| decode tok/s, batch {BATCHES[-1]}, pp=2 (2 processes, 1 GPU) vs pp=1 | {two:.1f} | {one:.1f} | "
-                 f"{two / one:.2f}x |")
+    lines.append(
+        f"| decode tok/s, batch {BATCHES[-1]}, pp=2 (2 processes, 1 GPU) vs pp=1 | {two:.1f} | {one:.1f} | "
+        f"{two / one:.2f}x |"
+    )
     lines += ["", "Seconds per phase: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items())]
     return "\n".join(lines) + "\n"
 

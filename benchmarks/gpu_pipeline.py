@@ -15,7 +15,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from stagemesh.benchmarks.timing import decode_rate, median
 
 BLOCK = 16
@@ -61,8 +60,13 @@ class StageLoop:
 
     @torch.inference_mode()
     def _first(self, n: int) -> None:
-        ids = torch.tensor([3 + (s * 7919 + i * 131) % (self.vocab - 3) for s in range(self.per * self.micro)
-                            for i in range(self.prompt_len)]).view(self.micro, -1)  # fmt: skip
+        ids = torch.tensor(
+            [
+                3 + (s * 7919 + i * 131) % (self.vocab - 3)
+                for s in range(self.per * self.micro)
+                for i in range(self.prompt_len)
+            ]
+        ).view(self.micro, -1)
         tokens = [ids[m] for m in range(self.micro)]
         for k in range(n):
             for m in range(self.micro):
@@ -73,7 +77,7 @@ class StageLoop:
                     tokens[m] = out.argmax(-1).cpu()
                 else:
                     self.pending.append(_send(out, dst=1))
-        for m in range(self.micro if self.world > 1 else 0):
+        for _ in range(self.micro if self.world > 1 else 0):
             _recv((self.per,), torch.int64, src=self.world - 1)
 
     @torch.inference_mode()
@@ -99,8 +103,9 @@ def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
     return buf.view(dtype)
 
 
-def main(path: str, rank: int, world: int, port: int, device: str, batch: int, prompt_len: int, tokens: int,
-         reps: int) -> None:  # fmt: skip
+def main(
+    path: str, rank: int, world: int, port: int, device: str, batch: int, prompt_len: int, tokens: int, reps: int
+) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     loop = StageLoop(path, rank, world, device, batch, prompt_len, tokens)

@@ -7,7 +7,6 @@ import time
 import warnings
 
 import torch
-
 from stagemesh.benchmarks.meshes import RequestTiming
 
 PAD_ID = 0
@@ -44,10 +43,15 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, clock: Ste
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
-            ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=None, pad_token_id=PAD_ID,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=PAD_ID,
             stopping_criteria=StoppingCriteriaList([clock] if clock else []),
-        )  # fmt: skip
+        )
 
 
 def hf_static_batches(model, requests: list[tuple[list[int], int]], batch: int) -> list[RequestTiming]:

@@ -10,7 +10,6 @@ import math
 import time
 
 import torch
-
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import aio_channel
@@ -44,8 +43,10 @@ async def _overheads(address: str, epoch: int, hidden: torch.Tensor, steps: int,
 
 
 def _step(k: int, epoch: int, tables: list[list[int]], hidden: torch.Tensor) -> pb.Step:
-    seqs = [pb.SeqStep(seq_id=i, start_pos=k, num_tokens=1, block_table=table, wants_token=True, draw_index=k)
-            for i, table in enumerate(tables)]  # fmt: skip
+    seqs = [
+        pb.SeqStep(seq_id=i, start_pos=k, num_tokens=1, block_table=table, wants_token=True, draw_index=k)
+        for i, table in enumerate(tables)
+    ]
     return pb.Step(step_id=k, epoch=epoch, seqs=seqs, hidden=encode(hidden))
 
 
@@ -59,12 +60,14 @@ def hop_profile(hidden: torch.Tensor, epoch: int, median_seconds: float, reps: i
     handlers = servicer_seconds(build())
     echo = echo_round_trip(nbytes, max(reps, 20))
     rest = median_seconds - echo - send - receive - handlers
-    return [f"bare grpc.aio stream echo of the same {nbytes} bytes to another process and back: {echo * 1e3:.3f} ms",
-            f"Step codec: build + encode + serialise {send * 1e6:.0f} us, parse + decode {receive * 1e6:.0f} us",
-            f"the stage servicer's per-step functions in-process (sequence table, step checks, step_work, result "
-            f"message): {handlers * 1e6:.0f} us",
-            f"left: {rest * 1e3:.3f} ms of hand-offs: gRPC's poller thread to the event loop, the step loop to "
-            "the compute thread and back, the write back through gRPC (wake-ups, not CPU work)"]  # fmt: skip
+    return [
+        f"bare grpc.aio stream echo of the same {nbytes} bytes to another process and back: {echo * 1e3:.3f} ms",
+        f"Step codec: build + encode + serialise {send * 1e6:.0f} us, parse + decode {receive * 1e6:.0f} us",
+        f"the stage servicer's per-step functions in-process (sequence table, step checks, step_work, result "
+        f"message): {handlers * 1e6:.0f} us",
+        f"left: {rest * 1e3:.3f} ms of hand-offs: gRPC's poller thread to the event loop, the step loop to "
+        "the compute thread and back, the write back through gRPC (wake-ups, not CPU work)",
+    ]
 
 
 def servicer_seconds(step: pb.Step, reps: int = 100) -> float:

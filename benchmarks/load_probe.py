@@ -21,7 +21,6 @@ def peak_rss_bytes() -> int:
 
 def probe(model_dir: str, tp: int, pp: int, stage: int, rank: int) -> dict:
     import torch
-
     from stagemesh.models.config import ModelConfig
     from stagemesh.models.loader import build_model
     from stagemesh.models.plan import ParallelPlan

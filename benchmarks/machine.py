@@ -44,5 +44,7 @@ def describe_machine() -> dict:
 
 def machine_line(m: dict) -> str:
     gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return (f"{m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB{gpu}; Python {m['python']}, "
-            f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}")  # fmt: skip
+    return (
+        f"{m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB{gpu}; Python {m['python']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}"
+    )

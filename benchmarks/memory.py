@@ -21,9 +21,25 @@ FLOAT32 = 4
 def probe_all(model_dir: str) -> list[dict]:
     """Runs load_probe for every (stage, rank), all at once (each process's peak is its own)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "stagemesh.benchmarks.load_probe", model_dir, str(TP), str(PP),
-                               str(stage), str(rank)], stdout=subprocess.PIPE, text=True, env=env)
-             for stage in range(PP) for rank in range(TP)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stagemesh.benchmarks.load_probe",
+                model_dir,
+                str(TP),
+                str(PP),
+                str(stage),
+                str(rank),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for stage in range(PP)
+        for rank in range(TP)
+    ]
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=600)
@@ -50,18 +66,33 @@ def run_memory(ctx: BenchContext) -> list[Row]:
         p["exact_formula_bytes"] = plan.stage_param_count(config, p["stage"], p["rank"]) * FLOAT32
     worst = max(probes, key=lambda p: p["param_bytes"] / p["plan_bytes"])
     exact = all(p["param_bytes"] == p["exact_formula_bytes"] for p in probes)
-    params = Row("param_bytes", f"parameter bytes per worker, tp={TP} pp={PP} (worst of {len(probes)})",
-                 "the plan's M/(tp*pp) + replicated", worst["param_bytes"] / 1e9, worst["plan_bytes"] / 1e9, "GB",
-                 worst["param_bytes"] / worst["plan_bytes"], Target("ratio<=", 1.02),
-                 note=f"stage {worst['stage']} rank {worst['rank']}; every worker equals the plan's exact per-worker "
-                 f"count: {'yes' if exact else 'NO'}", detail={"workers": probes})  # fmt: skip
+    params = Row(
+        "param_bytes",
+        f"parameter bytes per worker, tp={TP} pp={PP} (worst of {len(probes)})",
+        "the plan's M/(tp*pp) + replicated",
+        worst["param_bytes"] / 1e9,
+        worst["plan_bytes"] / 1e9,
+        "GB",
+        worst["param_bytes"] / worst["plan_bytes"],
+        Target("ratio<=", 1.02),
+        note=f"stage {worst['stage']} rank {worst['rank']}; every worker equals the plan's exact per-worker "
+        f"count: {'yes' if exact else 'NO'}",
+        detail={"workers": probes},
+    )
     return [params, rss_row(probes)]
 
 
 def rss_row(probes: list[dict]) -> Row:
     worst = max(probes, key=lambda p: p["peak_rss"] - p["param_bytes"])
-    return Row("load_rss", f"peak RSS while loading a shard, tp={TP} pp={PP} (worst of {len(probes)})",
-               "the shard's parameter bytes", worst["peak_rss"] / 1e9, worst["param_bytes"] / 1e9, "GB",
-               worst["peak_rss"] / worst["param_bytes"], Target("excess<=", 0.5, "GB"),
-               note=f"whole process incl. Python and torch ({worst['rss_before_load'] / 1e9:.2f} GB before loading)",
-               detail={"workers": probes})  # fmt: skip
+    return Row(
+        "load_rss",
+        f"peak RSS while loading a shard, tp={TP} pp={PP} (worst of {len(probes)})",
+        "the shard's parameter bytes",
+        worst["peak_rss"] / 1e9,
+        worst["param_bytes"] / 1e9,
+        "GB",
+        worst["peak_rss"] / worst["param_bytes"],
+        Target("excess<=", 0.5, "GB"),
+        note=f"whole process incl. Python and torch ({worst['rss_before_load'] / 1e9:.2f} GB before loading)",
+        detail={"workers": probes},
+    )

@@ -8,9 +8,9 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from stagemesh.deploy.launcher import LocalMesh, MeshLayout
 

@@ -41,8 +41,11 @@ def _throughput(plt, series: dict, title: str):
 
 def _latency(plt, series: dict, title: str):
     runs = series.get("latency", {})
-    metrics = (("ttft", "time to first token", "s", 1), ("itl", "inter-token latency", "ms", 1e3),
-               ("e2e", "request latency", "s", 1))  # fmt: skip
+    metrics = (
+        ("ttft", "time to first token", "s", 1),
+        ("itl", "inter-token latency", "ms", 1e3),
+        ("e2e", "request latency", "s", 1),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
     width = 0.8 / max(1, len(runs))
     for ax, (key, name, unit, scale) in zip(axes, metrics):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
@@ -16,9 +16,8 @@ def torch_top_ops(run: Callable[[], object], per: int, label: str, top: int = 6)
     """Runs `run` under torch.profiler and returns the `top` operators by self CPU time, per unit of work
     (`per` = the decode steps or requests `run` did), as lines of text."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from stagemesh.benchmarks.meshes import children_log
+    from torch.profiler import ProfilerActivity, profile
 
     with children_log(Path(os.devnull)), profile(activities=[ProfilerActivity.CPU]) as prof:  # kineto's stderr chatter
         start = time.perf_counter()
@@ -30,8 +29,9 @@ def torch_top_ops(run: Callable[[], object], per: int, label: str, top: int = 6)
     lines = [f"{label}: {wall / per * 1e3:.1f} ms per step wall, {threads} threads; top ops by self time:"]
     for e in events[:top]:
         share = e.self_cpu_time_total / total
-        lines.append(f"  {e.key}: {e.self_cpu_time_total / 1e3 / per:.2f} ms/step ({share:.0%}), "
-                     f"{e.count / per:.0f} calls/step")  # fmt: skip
+        lines.append(
+            f"  {e.key}: {e.self_cpu_time_total / 1e3 / per:.2f} ms/step ({share:.0%}), {e.count / per:.0f} calls/step"
+        )
     return lines
 
 
@@ -44,11 +44,11 @@ class CpuMeter:
     _wall: float = 0.0
 
     @classmethod
-    def for_mesh(cls, mesh) -> "CpuMeter":
+    def for_mesh(cls, mesh) -> CpuMeter:
         pids = {c.name: c.proc.pid for c in mesh.children if c.proc is not None}
         return cls({**pids, "benchmark client": os.getpid()})
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._start = {name: _cpu(pid) for name, pid in self.pids.items()}
         self._wall = time.perf_counter()
         return self
@@ -75,9 +75,11 @@ def _cpu(pid: int) -> float:
 
 def busy_summary(delta: dict[str, tuple[int, float]], wall: float) -> list[str]:
     """Each worker's compute time (reported by the worker) against the run's wall time."""
-    parts = [f"{role}: {busy:.2f} s busy ({busy / wall:.0%}) over {steps} steps"
-             + (f", {busy / steps * 1e3:.1f} ms/step" if steps else "")
-             for role, (steps, busy) in sorted(delta.items())]  # fmt: skip
+    parts = [
+        f"{role}: {busy:.2f} s busy ({busy / wall:.0%}) over {steps} steps"
+        + (f", {busy / steps * 1e3:.1f} ms/step" if steps else "")
+        for role, (steps, busy) in sorted(delta.items())
+    ]
     return [f"worker compute over {wall:.2f} s wall: " + "; ".join(parts)]
 
 
@@ -103,7 +105,9 @@ def decode_breakdown(mesh, prompts: list[list[int]], n: int) -> tuple[list[str],
     client = (many.wall - one.wall) / (n - 1) * 1e3
     stage = per_step.get("stage 0 rank 0", 0.0)
     workers = ", ".join(f"{role} {ms:.1f} ms" for role, ms in sorted(per_step.items()))
-    head = (f"decode only (t({n}) - t(1)): {client:.1f} ms per token at the client; compute per decode step: "
-            f"{workers}; {client - stage:.1f} ms per token outside stage 0's compute (gateway scheduling and "
-            "streaming, gRPC both ways, hand-offs between stages and to the compute thread)")
+    head = (
+        f"decode only (t({n}) - t(1)): {client:.1f} ms per token at the client; compute per decode step: "
+        f"{workers}; {client - stage:.1f} ms per token outside stage 0's compute (gateway scheduling and "
+        "streaming, gRPC both ways, hand-offs between stages and to the compute thread)"
+    )
     return [head, *busy_summary(dn, many.wall), *cpu.summary()], stage

@@ -22,8 +22,15 @@ def fmt(x: float | None, unit: str = "") -> str:
 def cells(row: Row) -> list[str]:
     ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
     target = "-" if row.target is None else row.target.describe()
-    return [row.what, row.baseline, fmt(row.value, row.unit), fmt(row.baseline_value, row.unit), ratio, target,
-            row.verdict]  # fmt: skip
+    return [
+        row.what,
+        row.baseline,
+        fmt(row.value, row.unit),
+        fmt(row.baseline_value, row.unit),
+        ratio,
+        target,
+        row.verdict,
+    ]
 
 
 def write_json(path: Path, run: dict, rows: list[Row]) -> None:
@@ -31,9 +38,14 @@ def write_json(path: Path, run: dict, rows: list[Row]) -> None:
 
 
 def markdown(run: dict, rows: list[Row]) -> str:
-    lines = [f"Suite `{run['suite']}`: `{run['command']}`, {run['wall_seconds']:.0f} s wall.", "",
-             f"Machine: {machine_line(run['machine'])}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
+    lines = [
+        f"Suite `{run['suite']}`: `{run['command']}`, {run['wall_seconds']:.0f} s wall.",
+        "",
+        f"Machine: {machine_line(run['machine'])}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows]
     lines += ["", "Notes:", ""] + [f"* **{r.what}**: {r.note}" for r in rows if r.note]
     missed = [r for r in rows if r.missed]

@@ -24,11 +24,13 @@ class Target:
     def describe(self) -> str:
         shown = f"{self.limit:g}"
         return {
-            "ratio>=": f">= {shown}x", "ratio<=": f"<= {shown}x",
-            "value<=": f"<= {shown} {self.unit}", "excess<=": f"<= baseline + {shown} {self.unit}",
-        }[self.kind]  # fmt: skip
+            "ratio>=": f">= {shown}x",
+            "ratio<=": f"<= {shown}x",
+            "value<=": f"<= {shown} {self.unit}",
+            "excess<=": f"<= baseline + {shown} {self.unit}",
+        }[self.kind]
 
-    def measure(self, row: "Row") -> float | None:
+    def measure(self, row: Row) -> float | None:
         """The number the limit applies to (None when the row has no result)."""
         if self.kind.startswith("ratio"):
             return row.ratio
@@ -38,11 +40,11 @@ class Target:
             return row.value / self.scale
         return None if row.baseline_value is None else (row.value - row.baseline_value) / self.scale
 
-    def met(self, row: "Row") -> bool:
+    def met(self, row: Row) -> bool:
         x = self.measure(row)
         return x is not None and (x >= self.limit if self.kind == "ratio>=" else x <= self.limit)
 
-    def shortfall(self, row: "Row") -> str:
+    def shortfall(self, row: Row) -> str:
         """By how much a missed row misses, in words."""
         x = self.measure(row)
         if x is None:

@@ -27,8 +27,9 @@ def gemv_floor(model: nn.Module, tied_embedding: bool, reps: int = 5) -> float:
     a decode step with nothing but its GEMVs (best of `reps`)."""
     import torch.nn.functional as F
 
-    weights = [p for name, p in model.named_parameters()
-               if p.dim() == 2 and ("embed_tokens" not in name or tied_embedding)]  # fmt: skip
+    weights = [
+        p for name, p in model.named_parameters() if p.dim() == 2 and ("embed_tokens" not in name or tied_embedding)
+    ]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
     return _best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps)
 
@@ -43,8 +44,14 @@ def read_bandwidth(megabytes: int = 256, reps: int = 8) -> dict:
     gemv = nbytes / _best_time(lambda: torch.mv(matrix, vector), reps)
     reduction = nbytes / _best_time(lambda: matrix.sum(), reps)
     best = "gemv" if gemv >= reduction else "sum"
-    return {"gemv": gemv, "sum": reduction, "best": max(gemv, reduction), "best_kind": best,
-            "bytes": nbytes, "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "gemv": gemv,
+        "sum": reduction,
+        "best": max(gemv, reduction),
+        "best_kind": best,
+        "bytes": nbytes,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _best_time(fn, reps: int) -> float:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from stagemesh.benchmarks.context import BenchContext
 from stagemesh.benchmarks.results import Row, failed_row
@@ -41,20 +41,49 @@ def families() -> list[Family]:
     from stagemesh.benchmarks import decode, experts, memory, parallel, serving
 
     return [
-        Family("decode", decode.run_decode, lambda s: 1,
-               (("decode_vs_hf", "batch-1 decode vs HF"), ("decode_roofline", "batch-1 decode roofline"))),
-        Family("serving", serving.run_serving, lambda s: 3,
-               (("mesh_decode", "mesh (1,1) decode"), ("ttft", "time to first token"),
-                ("mixed_throughput", "mixed-length throughput"))),
-        Family("parallel", parallel.run_parallel, lambda s: len(s.concurrency) + 2,
-               (("tp_latency", "tp=2 decode latency"), ("pp_throughput", "pp=2 throughput"),
-                ("stage_hop", "one stage hop"))),
-        Family("memory", memory.run_memory, lambda s: 1,
-               (("param_bytes", "parameter bytes per worker"), ("load_rss", "peak RSS while loading"))),
-        Family("experts", experts.run_experts, lambda s: 3,
-               (("moe_decode", "Mixtral decode, ep=2"), ("expert_ffn", "expert FFN throughput"),
-                ("tp_dispatch", "Mixtral tp=2 dispatch"))),
-    ]  # fmt: skip
+        Family(
+            "decode",
+            decode.run_decode,
+            lambda s: 1,
+            (("decode_vs_hf", "batch-1 decode vs HF"), ("decode_roofline", "batch-1 decode roofline")),
+        ),
+        Family(
+            "serving",
+            serving.run_serving,
+            lambda s: 3,
+            (
+                ("mesh_decode", "mesh (1,1) decode"),
+                ("ttft", "time to first token"),
+                ("mixed_throughput", "mixed-length throughput"),
+            ),
+        ),
+        Family(
+            "parallel",
+            parallel.run_parallel,
+            lambda s: len(s.concurrency) + 2,
+            (
+                ("tp_latency", "tp=2 decode latency"),
+                ("pp_throughput", "pp=2 throughput"),
+                ("stage_hop", "one stage hop"),
+            ),
+        ),
+        Family(
+            "memory",
+            memory.run_memory,
+            lambda s: 1,
+            (("param_bytes", "parameter bytes per worker"), ("load_rss", "peak RSS while loading")),
+        ),
+        Family(
+            "experts",
+            experts.run_experts,
+            lambda s: 3,
+            (
+                ("moe_decode", "Mixtral decode, ep=2"),
+                ("expert_ffn", "expert FFN throughput"),
+                ("tp_dispatch", "Mixtral tp=2 dispatch"),
+            ),
+        ),
+    ]
 
 
 def checkpoint(path: str | None, arch: str, preset: str) -> str:
@@ -134,8 +163,9 @@ def run_family(family: Family, ctx: BenchContext, console) -> list[Row]:
     for r in rows:
         ratio = "" if r.ratio is None else f" ({r.ratio:.2f}x)"
         value = r.value if r.value is None else round(r.value, 3)
-        console.print(f"{r.verdict:>5}  {escape(r.what)}: {value} {r.unit}{ratio}  [dim]{escape(r.note)}[/]",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"{r.verdict:>5}  {escape(r.what)}: {value} {r.unit}{ratio}  [dim]{escape(r.note)}[/]", highlight=False
+        )
     return rows
 
 
@@ -143,8 +173,14 @@ def run_record(opts: BenchOptions, ctx: BenchContext, wall: float) -> dict:
     from stagemesh.benchmarks.machine import describe_machine
 
     command = opts.command or " ".join(["stagemesh", *sys.argv[1:]])
-    return {"suite": opts.suite, "command": command, "wall_seconds": wall, "machine": describe_machine(),
-            "checkpoints": {"llama": ctx.llama, "mixtral": ctx.mixtral}, "series": ctx.series}  # fmt: skip
+    return {
+        "suite": opts.suite,
+        "command": command,
+        "wall_seconds": wall,
+        "machine": describe_machine(),
+        "checkpoints": {"llama": ctx.llama, "mixtral": ctx.mixtral},
+        "series": ctx.series,
+    }
 
 
 def write_outputs(out: Path, run: dict, rows: list[Row], series: dict) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import torch
-
 from stagemesh.benchmarks.context import THREADS, BenchContext, make_prompt
 from stagemesh.benchmarks.decode import engine, engine_generate, engine_rate, hf_llama
 from stagemesh.benchmarks.hf import hf_generate, hf_static_batches
@@ -42,14 +41,25 @@ def mesh_decode_row(ctx: BenchContext, mesh, eng) -> Row:
     ctx.advance("mesh (1,1): batch-1 decode vs in-process engine")
     eng_s, mesh_s = alternate(s.reps, lambda: engine_rate(eng, prompt, n), lambda: mesh_rate(mesh.gateway, [prompt], n))
     ours, base = median(mesh_s), median(eng_s)
-    row = Row("mesh_decode", f"batch-1 decode through the mesh (1,1), {THREADS} threads", "in-process reference engine",
-              ours, base, "tok/s", ours / base, Target("ratio>=", 0.95),
-              note=f"client-timed, (t({n}) - t(1)) / {n - 1}",
-              detail={"mesh": mesh_s, "engine": eng_s})  # fmt: skip
+    row = Row(
+        "mesh_decode",
+        f"batch-1 decode through the mesh (1,1), {THREADS} threads",
+        "in-process reference engine",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        Target("ratio>=", 0.95),
+        note=f"client-timed, (t({n}) - t(1)) / {n - 1}",
+        detail={"mesh": mesh_s, "engine": eng_s},
+    )
     if row.missed:
         lines, stage_ms = decode_breakdown(mesh, [prompt], n)
-        row.profile = [f"in-process engine {1e3 / base:.1f} ms per token; the stage's compute per decode step is "
-                       f"{stage_ms - 1e3 / base:+.1f} ms beside it", *lines]
+        row.profile = [
+            f"in-process engine {1e3 / base:.1f} ms per token; the stage's compute per decode step is "
+            f"{stage_ms - 1e3 / base:+.1f} ms beside it",
+            *lines,
+        ]
     return row
 
 
@@ -63,14 +73,24 @@ def ttft_row(ctx: BenchContext, mesh, eng, hf) -> Row:
     eng_ttft = lambda: timed(lambda: engine_generate(eng, [prompt], 1))  # noqa: E731
     hf_s, mesh_s, eng_s = alternate(s.reps, hf_ttft, mesh_ttft, eng_ttft)
     ours, base = median(mesh_s) * 1e3, median(hf_s) * 1e3
-    row = Row("ttft", f"time to first token, {len(prompt)}-token prompt, mesh (1,1), {THREADS} threads",
-              "HF generate (1 token), same threads", ours, base, "ms", ours / base, Target("ratio<=", 1.0),
-              note=f"client-timed; in-process engine {median(eng_s) * 1e3:.0f} ms",
-              detail={"mesh": mesh_s, "hf": hf_s, "engine": eng_s})  # fmt: skip
+    row = Row(
+        "ttft",
+        f"time to first token, {len(prompt)}-token prompt, mesh (1,1), {THREADS} threads",
+        "HF generate (1 token), same threads",
+        ours,
+        base,
+        "ms",
+        ours / base,
+        Target("ratio<=", 1.0),
+        note=f"client-timed; in-process engine {median(eng_s) * 1e3:.0f} ms",
+        detail={"mesh": mesh_s, "hf": hf_s, "engine": eng_s},
+    )
     if row.missed:
-        row.profile = [ttft_split(mesh, prompt, median(eng_s)),
-                       *torch_top_ops(lambda: engine_generate(eng, [prompt], 1), 1, "reference engine prefill"),
-                       *torch_top_ops(lambda: hf_generate(hf, [prompt], 1), 1, "HF prefill")]  # fmt: skip
+        row.profile = [
+            ttft_split(mesh, prompt, median(eng_s)),
+            *torch_top_ops(lambda: engine_generate(eng, [prompt], 1), 1, "reference engine prefill"),
+            *torch_top_ops(lambda: hf_generate(hf, [prompt], 1), 1, "HF prefill"),
+        ]
     return row
 
 
@@ -81,15 +101,19 @@ def ttft_split(mesh, prompt: list[int], engine_seconds: float) -> str:
     result, delta = measured_burst(mesh, [(prompt, 1)])
     busy = delta.get("stage 0 rank 0", (0, 0.0))[1]
     ttft = result.requests[0].ttft
-    return (f"mesh: {ttft * 1e3:.0f} ms to the first token at the client, of which the stage computed "
-            f"{busy * 1e3:.0f} ms (the in-process engine's whole prefill: {engine_seconds * 1e3:.0f} ms); "
-            f"{(ttft - busy) * 1e3:.0f} ms in the gateway, gRPC and hand-offs")
+    return (
+        f"mesh: {ttft * 1e3:.0f} ms to the first token at the client, of which the stage computed "
+        f"{busy * 1e3:.0f} ms (the in-process engine's whole prefill: {engine_seconds * 1e3:.0f} ms); "
+        f"{(ttft - busy) * 1e3:.0f} ms in the gateway, gRPC and hand-offs"
+    )
 
 
 def mixed_requests(ctx: BenchContext, vocab: int) -> list[tuple[list[int], int]]:
     s, rng = ctx.suite, random.Random(0)
-    return [(make_prompt(rng.randint(*s.mixed_prompt), 100 + i, vocab), rng.randint(*s.mixed_output))
-            for i in range(s.mixed_requests)]  # fmt: skip
+    return [
+        (make_prompt(rng.randint(*s.mixed_prompt), 100 + i, vocab), rng.randint(*s.mixed_output))
+        for i in range(s.mixed_requests)
+    ]
 
 
 def mixed_row(ctx: BenchContext, mesh, hf) -> Row:
@@ -105,11 +129,19 @@ def mixed_row(ctx: BenchContext, mesh, hf) -> Row:
     latency_series(ctx, f"mesh (1,1), {len(requests)} mixed requests", runs["mesh"][-1])
     latency_series(ctx, f"HF static batches of {s.static_batch}", runs["hf"][-1])
     what = f"throughput, {len(requests)} requests of mixed lengths, mesh (1,1), {THREADS} threads"
-    row = Row("mixed_throughput", what,
-              f"HF generate in static batches of {s.static_batch}, same requests", ours, base, "tok/s", ours / base,
-              Target("ratio>=", 2.0), note=f"prompts {s.mixed_prompt[0]}-{s.mixed_prompt[1]}, outputs "
-              f"{s.mixed_output[0]}-{s.mixed_output[1]} tokens, all sent at once; generated tokens / wall time",
-              detail={"mesh": mesh_s, "hf": hf_s, "tokens": tokens})  # fmt: skip
+    row = Row(
+        "mixed_throughput",
+        what,
+        f"HF generate in static batches of {s.static_batch}, same requests",
+        ours,
+        base,
+        "tok/s",
+        ours / base,
+        Target("ratio>=", 2.0),
+        note=f"prompts {s.mixed_prompt[0]}-{s.mixed_prompt[1]}, outputs "
+        f"{s.mixed_output[0]}-{s.mixed_output[1]} tokens, all sent at once; generated tokens / wall time",
+        detail={"mesh": mesh_s, "hf": hf_s, "tokens": tokens},
+    )
     if row.missed:
         row.profile = mesh_run_profile(mesh, requests)[0]
     return row
@@ -120,8 +152,12 @@ def _keep(store: list, timings) -> None:
 
 
 def latency_series(ctx: BenchContext, label: str, timings) -> None:
-    ctx.add_series("latency", label, {
-        "ttft": percentiles([t.ttft for t in timings]),
-        "e2e": percentiles([t.e2e for t in timings]),
-        "itl": percentiles([g for t in timings for g in t.gaps]),
-    })  # fmt: skip
+    ctx.add_series(
+        "latency",
+        label,
+        {
+            "ttft": percentiles([t.ttft for t in timings]),
+            "e2e": percentiles([t.e2e for t in timings]),
+            "itl": percentiles([g for t in timings for g in t.gaps]),
+        },
+    )

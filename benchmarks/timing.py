@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def alternate(reps: int, *measures: Callable[[], float], pause: float = 0.2) -> list[list[float]]:

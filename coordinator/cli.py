@@ -6,7 +6,6 @@ import json
 import sys
 
 import click
-
 from stagemesh.cli import StagemeshGroup, security_options
 
 
@@ -23,7 +22,6 @@ def main() -> None:
 def status_command(coordinator, as_json, timeout) -> None:
     """Show the plan, every worker and the gateway; exit 1 when the mesh is not fully serving."""
     from rich.console import Console
-
     from stagemesh.coordinator.client import cluster_status
     from stagemesh.coordinator.status import render, status_dict
 
@@ -36,8 +34,11 @@ def status_command(coordinator, as_json, timeout) -> None:
 
 
 @main.command("plan")
-@click.option("--model", help="Checkpoint directory, preset (Llama-2-70B, Llama-3-405B, GPT-3-175B, Mixtral-8x7B, "
-              "Mixtral-8x22B, ...) or bare size (175B: a dense model of that many parameters).")
+@click.option(
+    "--model",
+    help="Checkpoint directory, preset (Llama-2-70B, Llama-3-405B, GPT-3-175B, Mixtral-8x7B, "
+    "Mixtral-8x22B, ...) or bare size (175B: a dense model of that many parameters).",
+)
 @click.option("--from-cluster", help="HOST:PORT of a coordinator: plan for its registered workers and model.")
 @click.option("--gpus", type=int, help="GPUs to spread the model over (every layout uses all of them).")
 @click.option("--gpus-per-node", type=int, help="GPUs per node; TP stays inside one.  [default: 8]")
@@ -45,25 +46,64 @@ def status_command(coordinator, as_json, timeout) -> None:
 @click.option("--hbm-bandwidth", default="3.35TB/s", show_default=True, help="GPU memory bandwidth.")
 @click.option("--intra-bw", default="450GB/s", show_default=True, help="Per-GPU bandwidth inside a node (NVLink).")
 @click.option("--inter-bw", default="100GB/s", show_default=True, help="Per-GPU bandwidth between nodes.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "bfloat16", "float16", "float32"],
-              case_sensitive=False), help="Weights, KV and activations dtype.  [default: bf16, or the cluster's]")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32", "fp8", "bfloat16", "float16", "float32"], case_sensitive=False),
+    help="Weights, KV and activations dtype.  [default: bf16, or the cluster's]",
+)
 @click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
 @click.option("--context", type=int, help="Tokens of KV per sequence.  [default: 4096, at most the model's]")
-@click.option("--optimize", "objective", type=click.Choice(["throughput", "latency"]), default="throughput",
-              show_default=True, help="What the recommendation maximises.")
+@click.option(
+    "--optimize",
+    "objective",
+    type=click.Choice(["throughput", "latency"]),
+    default="throughput",
+    show_default=True,
+    help="What the recommendation maximises.",
+)
 @click.option("--allow-cross-node-tp", is_flag=True, help="Consider TP groups that span nodes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the coordinator.")
 @security_options
-def plan_command(model, from_cluster, gpus, gpus_per_node, gpu_memory, hbm_bandwidth, intra_bw, inter_bw, dtype,
-                 batch, context, objective, allow_cross_node_tp, as_json, timeout) -> None:
+def plan_command(
+    model,
+    from_cluster,
+    gpus,
+    gpus_per_node,
+    gpu_memory,
+    hbm_bandwidth,
+    intra_bw,
+    inter_bw,
+    dtype,
+    batch,
+    context,
+    objective,
+    allow_cross_node_tp,
+    as_json,
+    timeout,
+) -> None:
     """Choose tp, pp (and ep) for a model on given GPUs: memory, KV room, communication, latency, throughput."""
     from rich.console import Console
-
     from stagemesh.coordinator.plan_report import PlanRequest, build_report, render
 
-    report = build_report(PlanRequest(model, from_cluster, gpus, gpus_per_node, gpu_memory, hbm_bandwidth, intra_bw,
-                                      inter_bw, dtype, batch, context, objective, allow_cross_node_tp, timeout))
+    report = build_report(
+        PlanRequest(
+            model,
+            from_cluster,
+            gpus,
+            gpus_per_node,
+            gpu_memory,
+            hbm_bandwidth,
+            intra_bw,
+            inter_bw,
+            dtype,
+            batch,
+            context,
+            objective,
+            allow_cross_node_tp,
+            timeout,
+        )
+    )
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 import grpc
-
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc

@@ -14,33 +14,95 @@ from stagemesh.errors import InvalidArgument
 from stagemesh.models.config import ModelConfig
 
 _LLAMA = dict(model_type="llama", tie_word_embeddings=False, rms_norm_eps=1e-5)
-_MIXTRAL = dict(model_type="mixtral", num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                tie_word_embeddings=False, rms_norm_eps=1e-5)  # fmt: skip
+_MIXTRAL = dict(
+    model_type="mixtral",
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+)
 
 # The fields of each model's published config.json that fix its parameter count and KV size.
 _HF_CONFIGS = {
-    "Llama-2-7B": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "Llama-2-13B": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "Llama-2-70B": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-    "Llama-3-405B": dict(_LLAMA, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-                         num_attention_heads=128, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=131072),
-    "Mixtral-8x7B": dict(_MIXTRAL, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, vocab_size=32000, max_position_embeddings=32768),
-    "Mixtral-8x22B": dict(_MIXTRAL, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
-                          num_attention_heads=48, vocab_size=32768, max_position_embeddings=65536),
-}  # fmt: skip
+    "Llama-2-7B": dict(
+        _LLAMA,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "Llama-2-13B": dict(
+        _LLAMA,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "Llama-2-70B": dict(
+        _LLAMA,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "Llama-3-405B": dict(
+        _LLAMA,
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_hidden_layers=126,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
+    "Mixtral-8x7B": dict(
+        _MIXTRAL,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+    ),
+    "Mixtral-8x22B": dict(
+        _MIXTRAL,
+        hidden_size=6144,
+        intermediate_size=16384,
+        num_hidden_layers=56,
+        num_attention_heads=48,
+        vocab_size=32768,
+        max_position_embeddings=65536,
+    ),
+}
 
 # GPT-3 175B (Brown et al. 2020, table 2.1): 96 layers, d_model 12288, 96 heads of 128, a 4*d GELU MLP,
 # learned positions for 2048 tokens, biases on every linear and LayerNorm, GPT-2's 50257-token vocabulary
 # with a tied head. 174.6B parameters.
 GPT3_175B = ModelShape(
-    name="GPT-3-175B", layers=96, hidden=12288, heads=96, kv_heads=96, head_dim=128, intermediate=4 * 12288,
-    vocab=50257, max_context=2048, mlp_matrices=2, learned_positions=True, biases=True, tied=True,
-)  # fmt: skip
+    name="GPT-3-175B",
+    layers=96,
+    hidden=12288,
+    heads=96,
+    kv_heads=96,
+    head_dim=128,
+    intermediate=4 * 12288,
+    vocab=50257,
+    max_context=2048,
+    mlp_matrices=2,
+    learned_positions=True,
+    biases=True,
+    tied=True,
+)
 
 _ALIASES = {"gpt3": "GPT-3-175B", "gpt3175b": "GPT-3-175B", "llama31405b": "Llama-3-405B"}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([mbt])\s*$", re.IGNORECASE)

@@ -41,14 +41,22 @@ class ModelShape:
     borrowed_from: str = ""  # the published shape a bare size borrows
 
     @classmethod
-    def from_config(cls, config: ModelConfig, name: str) -> "ModelShape":
+    def from_config(cls, config: ModelConfig, name: str) -> ModelShape:
         return cls(
-            name=name, layers=config.num_hidden_layers, hidden=config.hidden_size,
-            heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-            intermediate=config.intermediate_size, vocab=config.vocab_size,
-            max_context=config.max_position_embeddings, experts=config.num_local_experts,
-            experts_per_token=config.num_experts_per_tok, tied=config.tie_word_embeddings, config=config,
-        )  # fmt: skip
+            name=name,
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            intermediate=config.intermediate_size,
+            vocab=config.vocab_size,
+            max_context=config.max_position_embeddings,
+            experts=config.num_local_experts,
+            experts_per_token=config.num_experts_per_tok,
+            tied=config.tie_word_embeddings,
+            config=config,
+        )
 
     @property
     def is_moe(self) -> bool:
@@ -72,7 +80,7 @@ class ModelShape:
         """K and V elements one token adds to one TP rank holding `layers` layers."""
         return layers * 2 * self.kv_heads_per_rank(tp) * self.head_dim
 
-    def scaled_to(self, params: float, name: str) -> "ModelShape":
+    def scaled_to(self, params: float, name: str) -> ModelShape:
         """This shape standing in for a model of exactly `params` parameters."""
         return dataclasses.replace(self, name=name, scale=params / self.total_params, borrowed_from=self.name)
 
@@ -114,9 +122,7 @@ def _shard_served(shape, tp, pp, ep, ranges, expert_groups) -> LayoutShards:
     plan = ParallelPlan.build(config, tp, pp, ep, layers=ranges)
     if expert_groups is not None:
         plan = dataclasses.replace(plan, expert_groups=tuple(expert_groups))
-    params = tuple(
-        tuple(plan.stage_param_count(config, s, r) * shape.scale for r in range(tp)) for s in range(pp)
-    )
+    params = tuple(tuple(plan.stage_param_count(config, s, r) * shape.scale for r in range(tp)) for s in range(pp))
     workers = tuple(plan.expert_param_count(config, w) * shape.scale for w in range(len(plan.expert_groups)))
     stage_ranges = [(s.first_layer, s.end_layer) for s in plan.stages]
     return _shards(shape, tp, pp, ep, stage_ranges, params, plan.expert_groups, workers)
@@ -126,11 +132,16 @@ def _shards(shape, tp, pp, ep, ranges, params, groups, workers) -> LayoutShards:
     layers = tuple(b - a for a, b in ranges)
     in_stage = 0 if ep else shape.experts * shape.expert_params // tp
     return LayoutShards(
-        tp=tp, pp=pp, ep=ep, stage_layers=layers, stage_params=params,
+        tp=tp,
+        pp=pp,
+        ep=ep,
+        stage_layers=layers,
+        stage_params=params,
         lookup_params=tuple(_lookup_params(shape, tp, pp) if s == 0 else 0.0 for s in range(pp)),
         stage_expert_params=tuple(n * in_stage * shape.scale for n in layers),
-        expert_groups=tuple(groups), expert_worker_params=workers,
-    )  # fmt: skip
+        expert_groups=tuple(groups),
+        expert_worker_params=workers,
+    )
 
 
 def _lookup_params(shape: ModelShape, tp: int, pp: int) -> float:

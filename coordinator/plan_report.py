@@ -10,8 +10,16 @@ from dataclasses import dataclass
 from stagemesh.coordinator.model_presets import resolve_model
 from stagemesh.coordinator.model_shape import ModelShape, shard
 from stagemesh.coordinator.planner import (
-    DTYPE_BYTES, Assumptions, Hardware, LayoutCost, LayoutEstimate, PlanResult, Workload, estimate, plan,
-)  # fmt: skip
+    DTYPE_BYTES,
+    Assumptions,
+    Hardware,
+    LayoutCost,
+    LayoutEstimate,
+    PlanResult,
+    Workload,
+    estimate,
+    plan,
+)
 from stagemesh.errors import FailedPrecondition, InvalidArgument
 from stagemesh.units import format_bytes, parse_bandwidth, parse_bytes
 
@@ -54,11 +62,14 @@ def build_report(req: PlanRequest) -> dict:
 
 def _hardware(req: PlanRequest, gpus: int, memory: float, per_node: int) -> Hardware:
     return Hardware(
-        gpus=gpus, gpu_memory=memory, gpus_per_node=per_node,
+        gpus=gpus,
+        gpu_memory=memory,
+        gpus_per_node=per_node,
         hbm_bandwidth=parse_bandwidth(req.hbm_bandwidth, "--hbm-bandwidth"),
-        intra_bw=parse_bandwidth(req.intra_bw, "--intra-bw"), inter_bw=parse_bandwidth(req.inter_bw, "--inter-bw"),
+        intra_bw=parse_bandwidth(req.intra_bw, "--intra-bw"),
+        inter_bw=parse_bandwidth(req.inter_bw, "--inter-bw"),
         allow_cross_node_tp=req.allow_cross_node_tp,
-    )  # fmt: skip
+    )
 
 
 def _workload(req: PlanRequest, shape: ModelShape, dtype: str) -> Workload:
@@ -102,14 +113,25 @@ def cluster_check(shape: ModelShape, hw: Hardware, wl: Workload, mesh, workers) 
             held = shards.stage_params[w.stage][w.tp_rank]
         else:
             held = shards.expert_worker_params[w.expert_index]
-        rows.append({
-            "role": w.role, "kind": w.kind, "device": w.device, "hostname": w.hostname,
-            "memory_bytes": w.memory_bytes, "measured_param_bytes": w.param_bytes, "predicted_param_bytes": held * size,
-            "error": held * size / w.param_bytes - 1 if w.param_bytes else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "role": w.role,
+                "kind": w.kind,
+                "device": w.device,
+                "hostname": w.hostname,
+                "memory_bytes": w.memory_bytes,
+                "measured_param_bytes": w.param_bytes,
+                "predicted_param_bytes": held * size,
+                "error": held * size / w.param_bytes - 1 if w.param_bytes else None,
+            }
+        )
     current = estimate(LayoutCost(shape, hw, dataclasses.replace(wl, dtype_bytes=size), Assumptions(), shards))
-    return {"layout": {"tp": mesh.tp, "pp": mesh.pp, "ep": mesh.ep}, "dtype": mesh.dtype, "workers": rows,
-            "current": estimate_dict(current) if isinstance(current, LayoutEstimate) else {"reason": current.reason}}
+    return {
+        "layout": {"tp": mesh.tp, "pp": mesh.pp, "ep": mesh.ep},
+        "dtype": mesh.dtype,
+        "workers": rows,
+        "current": estimate_dict(current) if isinstance(current, LayoutEstimate) else {"reason": current.reason},
+    }
 
 
 # ---- dict form ----
@@ -123,18 +145,33 @@ def estimate_dict(e: LayoutEstimate) -> dict:
 def result_dict(result: PlanResult) -> dict:
     s = result.shape
     model = {
-        "name": s.name, "params": s.total_params, "weights_bytes": s.total_params * result.workload.dtype_bytes,
-        "layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
-        "intermediate": s.intermediate, "mlp_matrices": s.mlp_matrices, "vocab": s.vocab, "experts": s.experts,
-        "experts_per_token": s.experts_per_token, "borrowed_from": s.borrowed_from, "scale": s.scale,
-    }  # fmt: skip
+        "name": s.name,
+        "params": s.total_params,
+        "weights_bytes": s.total_params * result.workload.dtype_bytes,
+        "layers": s.layers,
+        "hidden": s.hidden,
+        "heads": s.heads,
+        "kv_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "intermediate": s.intermediate,
+        "mlp_matrices": s.mlp_matrices,
+        "vocab": s.vocab,
+        "experts": s.experts,
+        "experts_per_token": s.experts_per_token,
+        "borrowed_from": s.borrowed_from,
+        "scale": s.scale,
+    }
     return {
-        "model": model, "hardware": dataclasses.asdict(result.hardware),
-        "workload": dataclasses.asdict(result.workload), "assumptions": dataclasses.asdict(result.assumptions),
-        "objective": result.objective, "recommended": estimate_dict(result.recommended), "reason": result.reason,
+        "model": model,
+        "hardware": dataclasses.asdict(result.hardware),
+        "workload": dataclasses.asdict(result.workload),
+        "assumptions": dataclasses.asdict(result.assumptions),
+        "objective": result.objective,
+        "recommended": estimate_dict(result.recommended),
+        "reason": result.reason,
         "layouts": [estimate_dict(e) for e in result.estimates],
         "infeasible": [{**dataclasses.asdict(i.layout), "reason": i.reason} for i in result.infeasible],
-    }  # fmt: skip
+    }
 
 
 # ---- tables ----
@@ -154,14 +191,19 @@ def render(report: dict, console) -> None:
     m, hw, wl = report["model"], report["hardware"], report["workload"]
     borrowed = f" (shape of {m['borrowed_from']} x{m['scale']:.4f})" if m["borrowed_from"] else ""
     moe = f", {m['experts']} experts top-{m['experts_per_token']}" if m["experts"] else ""
-    console.print(f"[bold]{escape(m['name'])}[/]: {_count(m['params'])} parameters{borrowed}, "
-                  f"{format_bytes(m['weights_bytes'])} at {wl['dtype_bytes']} bytes each; {m['layers']} layers, "
-                  f"hidden {m['hidden']}, {m['heads']} heads ({m['kv_heads']} KV) of {m['head_dim']}{moe}",
-                  soft_wrap=True)
-    console.print(f"{hw['gpus']} GPUs of {format_bytes(hw['gpu_memory'])} ({hw['gpus_per_node']} per node), HBM "
-                  f"{_rate(hw['hbm_bandwidth'])}, intra-node {_rate(hw['intra_bw'])}, "
-                  f"inter-node {_rate(hw['inter_bw'])}; "
-                  f"batch {wl['batch']}, context {wl['context']}", soft_wrap=True)
+    console.print(
+        f"[bold]{escape(m['name'])}[/]: {_count(m['params'])} parameters{borrowed}, "
+        f"{format_bytes(m['weights_bytes'])} at {wl['dtype_bytes']} bytes each; {m['layers']} layers, "
+        f"hidden {m['hidden']}, {m['heads']} heads ({m['kv_heads']} KV) of {m['head_dim']}{moe}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"{hw['gpus']} GPUs of {format_bytes(hw['gpu_memory'])} ({hw['gpus_per_node']} per node), HBM "
+        f"{_rate(hw['hbm_bandwidth'])}, intra-node {_rate(hw['intra_bw'])}, "
+        f"inter-node {_rate(hw['inter_bw'])}; "
+        f"batch {wl['batch']}, context {wl['context']}",
+        soft_wrap=True,
+    )
     console.print(_layouts_table(report))
     console.print(f"[bold]recommended[/]: {escape(report['reason'])}", soft_wrap=True)
     for row in report["infeasible"]:
@@ -185,12 +227,21 @@ def _layouts_table(report: dict):
         capped = e["batch"] != report["workload"]["batch"]
         tokens_s = f"{e['throughput']:.1f}" + (f" (b={e['batch']})" if capped else "")
         table.add_row(
-            _layout(e), format_bytes(e["weights_even"]), f"{format_bytes(e['weights_max'])} {_short(e['fullest'])}",
-            str(e["kv_tokens"]), str(e["kv_sequences"]), str(collectives), format_bytes(e["allreduce_bytes_per_token"]),
-            *([str(e["all_to_all_per_token"])] if moe else []), f"{e['latency_s'] * 1e3:.2f}", tokens_s,
-        )  # fmt: skip
-    table.caption = "weights/GPU = all weights / GPUs; fullest GPU = the most any GPU holds (s = stage, r = rank, " \
-                    "e = expert worker); per-token counts and bytes at batch 1"
+            _layout(e),
+            format_bytes(e["weights_even"]),
+            f"{format_bytes(e['weights_max'])} {_short(e['fullest'])}",
+            str(e["kv_tokens"]),
+            str(e["kv_sequences"]),
+            str(collectives),
+            format_bytes(e["allreduce_bytes_per_token"]),
+            *([str(e["all_to_all_per_token"])] if moe else []),
+            f"{e['latency_s'] * 1e3:.2f}",
+            tokens_s,
+        )
+    table.caption = (
+        "weights/GPU = all weights / GPUs; fullest GPU = the most any GPU holds (s = stage, r = rank, "
+        "e = expert worker); per-token counts and bytes at batch 1"
+    )
     return table
 
 
@@ -201,11 +252,14 @@ def _short(worker: str) -> str:
 
 
 def _render_assumptions(a: dict, console) -> None:
-    console.print(f"assumed: {a['memory_reserve']:.0%} of GPU memory reserved; a collective costs "
-                  f"{a['collective_base_s'] * 1e6:g} us + {a['ring_step_intra_s'] * 1e6:g} us per ring step in a node "
-                  f"({a['ring_step_inter_s'] * 1e6:g} us across nodes); "
-                  f"a gRPC/gloo message {a['message_s'] * 1e6:g} us; "
-                  f"decode is memory-bound (FLOPs not counted); KV read at the full context", soft_wrap=True)
+    console.print(
+        f"assumed: {a['memory_reserve']:.0%} of GPU memory reserved; a collective costs "
+        f"{a['collective_base_s'] * 1e6:g} us + {a['ring_step_intra_s'] * 1e6:g} us per ring step in a node "
+        f"({a['ring_step_inter_s'] * 1e6:g} us across nodes); "
+        f"a gRPC/gloo message {a['message_s'] * 1e6:g} us; "
+        f"decode is memory-bound (FLOPs not counted); KV read at the full context",
+        soft_wrap=True,
+    )
 
 
 def _count(n: float) -> str:
@@ -225,12 +279,21 @@ def _render_cluster(cluster: dict, console) -> None:
         table.add_column(col)
     for w in cluster["workers"]:
         error = "-" if w["error"] is None else f"{w['error']:+.2%}"
-        table.add_row(w["role"], w["device"], format_bytes(w["memory_bytes"]), format_bytes(w["measured_param_bytes"]),
-                      format_bytes(w["predicted_param_bytes"]), error)
+        table.add_row(
+            w["role"],
+            w["device"],
+            format_bytes(w["memory_bytes"]),
+            format_bytes(w["measured_param_bytes"]),
+            format_bytes(w["predicted_param_bytes"]),
+            error,
+        )
     console.print(table)
     now = cluster["current"]
     if "reason" in now:
         console.print(f"the running layout would not be planned: {now['reason']}", soft_wrap=True)
     else:
-        console.print(f"running layout estimate: {now['latency_s'] * 1e3:.2f} ms per token, "
-                      f"{now['throughput']:.1f} tokens/s at batch {now['batch']}", soft_wrap=True)
+        console.print(
+            f"running layout estimate: {now['latency_s'] * 1e3:.2f} ms per token, "
+            f"{now['throughput']:.1f} tokens/s at batch {now['batch']}",
+            soft_wrap=True,
+        )

@@ -134,8 +134,9 @@ def plan(
     infeasible = tuple(r for r in results if isinstance(r, Infeasible))
     if not feasible:
         raise PlanError(_nothing_runs(shape, hw, infeasible))
-    return PlanResult(shape, hw, wl, a, objective, tuple(feasible), infeasible,
-                      recommendation_reason(feasible, objective, wl))  # fmt: skip
+    return PlanResult(
+        shape, hw, wl, a, objective, tuple(feasible), infeasible, recommendation_reason(feasible, objective, wl)
+    )
 
 
 def check_inputs(shape: ModelShape, hw: Hardware, wl: Workload, objective: str) -> None:
@@ -143,8 +144,12 @@ def check_inputs(shape: ModelShape, hw: Hardware, wl: Workload, objective: str) 
         raise InvalidArgument(f"--gpus must be at least 1 (got {hw.gpus})")
     if hw.gpus_per_node < 1:
         raise InvalidArgument(f"--gpus-per-node must be at least 1 (got {hw.gpus_per_node})")
-    for name, value in (("--gpu-memory", hw.gpu_memory), ("--hbm-bandwidth", hw.hbm_bandwidth),
-                        ("--intra-bw", hw.intra_bw), ("--inter-bw", hw.inter_bw)):  # fmt: skip
+    for name, value in (
+        ("--gpu-memory", hw.gpu_memory),
+        ("--hbm-bandwidth", hw.hbm_bandwidth),
+        ("--intra-bw", hw.intra_bw),
+        ("--inter-bw", hw.inter_bw),
+    ):
         if value <= 0:
             raise InvalidArgument(f"{name} must be positive (got {value:g})")
     if wl.batch < 1:
@@ -169,8 +174,10 @@ def _nothing_runs(shape: ModelShape, hw: Hardware, infeasible: tuple[Infeasible,
 
 def recommendation_reason(ranked: list[LayoutEstimate], objective: str, wl: Workload) -> str:
     best = ranked[0]
-    text = (f"{best.layout.describe()} has the {'lowest' if objective == 'latency' else 'highest'} estimated "
-            f"{objective} at batch {wl.batch}: {best.throughput:.1f} tokens/s, {best.latency_s * 1e3:.2f} ms per token")
+    text = (
+        f"{best.layout.describe()} has the {'lowest' if objective == 'latency' else 'highest'} estimated "
+        f"{objective} at batch {wl.batch}: {best.throughput:.1f} tokens/s, {best.latency_s * 1e3:.2f} ms per token"
+    )
     if len(ranked) > 1:
         other = ranked[1]
         ratio = other.latency_s / best.latency_s if objective == "latency" else best.throughput / other.throughput
@@ -193,7 +200,7 @@ def evaluate(
     return estimate(LayoutCost(shape, hw, wl, a, shards))
 
 
-def estimate(cost: "LayoutCost") -> LayoutEstimate | Infeasible:
+def estimate(cost: LayoutCost) -> LayoutEstimate | Infeasible:
     """Memory, KV room, communication and time of one validated layout, or why the hardware cannot run it."""
     problem = cost.problem()
     if problem:
@@ -206,11 +213,20 @@ def estimate(cost: "LayoutCost") -> LayoutEstimate | Infeasible:
     latency = cost.round_time(m, b)
     fullest, weights_max = cost.fullest()
     return LayoutEstimate(
-        layout=cost.layout, weights_even=cost.shape.total_params * wl.dtype_bytes / cost.hw.gpus,
-        weights_max=weights_max, fullest=fullest, kv_bytes_per_token=cost.kv_bytes_per_token(limiting),
-        kv_tokens=tokens, kv_sequences=tokens // wl.context, **cost.volumes_per_token(), batch=batch,
-        micro_batches=m, latency_s=latency, throughput=batch / latency, breakdown=cost.breakdown(b),
-    )  # fmt: skip
+        layout=cost.layout,
+        weights_even=cost.shape.total_params * wl.dtype_bytes / cost.hw.gpus,
+        weights_max=weights_max,
+        fullest=fullest,
+        kv_bytes_per_token=cost.kv_bytes_per_token(limiting),
+        kv_tokens=tokens,
+        kv_sequences=tokens // wl.context,
+        **cost.volumes_per_token(),
+        batch=batch,
+        micro_batches=m,
+        latency_s=latency,
+        throughput=batch / latency,
+        breakdown=cost.breakdown(b),
+    )
 
 
 @dataclass(frozen=True)
@@ -265,14 +281,18 @@ class LayoutCost:
             return f"tp={tp} spans nodes of {hw.gpus_per_node} GPUs (--allow-cross-node-tp to consider it)"
         name, weights = self.fullest()
         if weights > self.usable_memory:
-            return (f"does not fit: {name} needs {weights / 1e9:.2f} GB of weights > {self.usable_memory / 1e9:.2f} GB "
-                    f"usable ({hw.gpu_memory / 1e9:.2f} GB less the {self.a.memory_reserve:.0%} reserve)")
+            return (
+                f"does not fit: {name} needs {weights / 1e9:.2f} GB of weights > {self.usable_memory / 1e9:.2f} GB "
+                f"usable ({hw.gpu_memory / 1e9:.2f} GB less the {self.a.memory_reserve:.0%} reserve)"
+            )
         tokens, s = self.kv_capacity()
         if tokens < self.wl.context:
             need = self.wl.context * self.kv_bytes_per_token(s)
             left = self.usable_memory - self.stage_weights(s)
-            return (f"no room for one sequence: stage {s} has {left / 1e9:.2f} GB left for KV, "
-                    f"{self.wl.context} tokens need {need / 1e9:.2f} GB")
+            return (
+                f"no room for one sequence: stage {s} has {left / 1e9:.2f} GB left for KV, "
+                f"{self.wl.context} tokens need {need / 1e9:.2f} GB"
+            )
         return ""
 
     # ---- placement ----
@@ -342,9 +362,10 @@ class LayoutCost:
             allgathers_per_token=sum(n for kind, n, _ in layer if kind == "all-gather"),
             allreduce_bytes_per_token=sum(n * self.collective_volume(k, x) for k, n, x in layer),
             edge_bytes_per_token=sum(n * self.collective_volume(k, x) for k, n, x in edges),
-            hop_bytes_per_token=(pp - 1) * act, all_to_all_per_token=exchanges,
+            hop_bytes_per_token=(pp - 1) * act,
+            all_to_all_per_token=exchanges,
             all_to_all_bytes_per_token=exchanges * self.owners_per_token() * act,
-        )  # fmt: skip
+        )
 
     # ---- time ----
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from stagemesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagemesh.models.config import ModelConfig
@@ -65,9 +65,13 @@ class Topology:
         """What steps depend on: a change here invalidates steps in flight."""
         return self.ready, self.stage_addresses, self.kv_blocks
 
-    def same_as(self, other: "Topology") -> bool:
+    def same_as(self, other: Topology) -> bool:
         return (self.pipeline(), self.reason, self.expert_addresses, self.expert_alive) == (
-            other.pipeline(), other.reason, other.expert_addresses, other.expert_alive)
+            other.pipeline(),
+            other.reason,
+            other.expert_addresses,
+            other.expert_alive,
+        )
 
 
 class Roster:
@@ -115,8 +119,9 @@ class Roster:
             del self.workers[holder.worker_id]  # a restarted worker takes its dead predecessor's role
             if role[0] == STAGE and role[2] == 0:
                 self.rendezvous.pop(role[1], None)
-        worker = Worker(f"w{next(self._ids)}", kind, address, device, hostname, memory_bytes,
-                        last_heartbeat=self.clock())  # fmt: skip
+        worker = Worker(
+            f"w{next(self._ids)}", kind, address, device, hostname, memory_bytes, last_heartbeat=self.clock()
+        )
         if kind == STAGE:
             worker.stage, worker.tp_rank = role[1], role[2]
         else:
@@ -181,7 +186,9 @@ class Roster:
     def sweep(self) -> None:
         """Marks workers silent for longer than the heartbeat timeout as down."""
         now = self.clock()
-        silent = [w for w in self.workers.values() if w.state != "down" and now - w.last_heartbeat > self.heartbeat_timeout]
+        silent = [
+            w for w in self.workers.values() if w.state != "down" and now - w.last_heartbeat > self.heartbeat_timeout
+        ]
         for w in silent:
             w.state = "down"
         if silent:
@@ -201,12 +208,17 @@ class Roster:
     def _derive_topology(self) -> Topology:
         holders = {role: self._holder(role) for role in self.roles()}
         waiting = [_describe_role(r) for r, h in holders.items() if h is None or h.state == "registered"]
-        down = [f"{_describe_role(r)} at {h.address}" for r, h in holders.items() if h is not None and h.state == "down"]
+        down = [
+            f"{_describe_role(r)} at {h.address}" for r, h in holders.items() if h is not None and h.state == "down"
+        ]
         stage_down = [r for r, h in holders.items() if r[0] == STAGE and h is not None and h.state == "down"]
         experts = [holders[(EXPERT, e)] for e in range(self.plan.ep)]
         alive = tuple(w is not None and w.state == "ready" for w in experts)
-        uncovered = [x for x in range(self.config.num_local_experts) if self.plan.ep
-                     and not any(alive[w] for w in self.plan.expert_owners(x))]  # fmt: skip
+        uncovered = [
+            x
+            for x in range(self.config.num_local_experts)
+            if self.plan.ep and not any(alive[w] for w in self.plan.expert_owners(x))
+        ]
         ready = not waiting and not stage_down and not uncovered
         reason = ""
         if not ready:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from stagemesh.coordinator.roster import STAGE, Roster, ServingSpec, Topology, Worker
 from stagemesh.errors import DeadlineExceeded
@@ -48,20 +48,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @maps_errors
     async def Register(self, request: pb.RegisterRequest, context) -> pb.Assignment:
         worker = self.roster.register(
-            request.kind, request.address, request.device, request.hostname, request.memory_bytes,
+            request.kind,
+            request.address,
+            request.device,
+            request.hostname,
+            request.memory_bytes,
             stage=request.stage if request.HasField("stage") else None,
             tp_rank=request.tp_rank if request.HasField("tp_rank") else None,
             expert_index=request.expert_index if request.HasField("expert_index") else None,
-        )  # fmt: skip
+        )
         log.info("registered %s as %s", worker.address, self.roster.describe(worker))
         rendezvous = ""
         if worker.kind == STAGE and worker.tp_rank > 0:
             rendezvous = await self._rendezvous(worker.stage)
         return pb.Assignment(
-            worker_id=worker.worker_id, kind=worker.kind, stage=worker.stage, tp_rank=worker.tp_rank,
-            expert_index=worker.expert_index, plan=plan_message(self.roster), rendezvous=rendezvous,
+            worker_id=worker.worker_id,
+            kind=worker.kind,
+            stage=worker.stage,
+            tp_rank=worker.tp_rank,
+            expert_index=worker.expert_index,
+            plan=plan_message(self.roster),
+            rendezvous=rendezvous,
             epoch=self.roster.topology.pipeline_epoch,
-        )  # fmt: skip
+        )
 
     async def _rendezvous(self, stage: int) -> str:
         deadline = time.monotonic() + self.rendezvous_timeout
@@ -88,8 +97,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @maps_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         s = request.stats
-        stats = {"kv_blocks_used": s.kv_blocks_used, "steps": s.steps, "busy_seconds": s.busy_seconds,
-                 "expert_load": list(s.expert_load)}  # fmt: skip
+        stats = {
+            "kv_blocks_used": s.kv_blocks_used,
+            "steps": s.steps,
+            "busy_seconds": s.busy_seconds,
+            "expert_load": list(s.expert_load),
+        }
         return pb.HeartbeatReply(epoch=self.roster.heartbeat(request.worker_id, stats))
 
     @maps_errors
@@ -113,40 +126,68 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         workers.sort(key=lambda w: (w.kind != STAGE, w.stage, w.tp_rank, w.expert_index))
         age = time.monotonic() - self.gateway_seen if self.gateway is not None else -1.0
         return pb.ClusterStatus(
-            topology=topology_message(self.roster, self.roster.topology), workers=workers,
-            gateway=self.gateway or pb.GatewayReport(), gateway_report_age=age,
-        )  # fmt: skip
+            topology=topology_message(self.roster, self.roster.topology),
+            workers=workers,
+            gateway=self.gateway or pb.GatewayReport(),
+            gateway_report_age=age,
+        )
 
 
 def plan_message(roster: Roster) -> pb.Plan:
     plan, config, spec = roster.plan, roster.config, roster.spec
     return pb.Plan(
-        model_dir=spec.model_dir, model_type=config.model_type, tp=plan.tp, pp=plan.pp, ep=plan.ep,
+        model_dir=spec.model_dir,
+        model_type=config.model_type,
+        tp=plan.tp,
+        pp=plan.pp,
+        ep=plan.ep,
         stages=[pb.LayerRange(first=s.first_layer, end=s.end_layer) for s in plan.stages],
         expert_groups=[pb.ExpertGroup(expert_ids=g) for g in plan.expert_groups],
-        dtype=spec.dtype, block_size=spec.block_size,
+        dtype=spec.dtype,
+        block_size=spec.block_size,
         max_model_len=spec.max_model_len or config.max_position_embeddings,
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-    )  # fmt: skip
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+    )
 
 
 def topology_message(roster: Roster, t: Topology) -> pb.Topology:
     return pb.Topology(
-        epoch=t.epoch, ready=t.ready, reason=t.reason, plan=plan_message(roster),
-        stage_addresses=t.stage_addresses, expert_addresses=t.expert_addresses, kv_blocks=t.kv_blocks,
-        pipeline_epoch=t.pipeline_epoch, expert_alive=t.expert_alive,
-    )  # fmt: skip
+        epoch=t.epoch,
+        ready=t.ready,
+        reason=t.reason,
+        plan=plan_message(roster),
+        stage_addresses=t.stage_addresses,
+        expert_addresses=t.expert_addresses,
+        kv_blocks=t.kv_blocks,
+        pipeline_epoch=t.pipeline_epoch,
+        expert_alive=t.expert_alive,
+    )
 
 
 def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
     return pb.WorkerStatus(
-        worker_id=w.worker_id, kind=w.kind, stage=w.stage, tp_rank=w.tp_rank, expert_index=w.expert_index,
-        role=roster.describe(w), address=w.address, device=w.device, hostname=w.hostname, state=w.state,
-        last_heartbeat_age=now - w.last_heartbeat, param_bytes=w.param_bytes,
-        predicted_param_bytes=roster.predicted_param_bytes(w), kv_blocks_used=w.stats.get("kv_blocks_used", 0),
-        kv_blocks=w.kv_blocks, steps=w.stats.get("steps", 0), busy_seconds=w.stats.get("busy_seconds", 0.0),
-        memory_bytes=w.memory_bytes, expert_load=w.stats.get("expert_load", []),
-    )  # fmt: skip
+        worker_id=w.worker_id,
+        kind=w.kind,
+        stage=w.stage,
+        tp_rank=w.tp_rank,
+        expert_index=w.expert_index,
+        role=roster.describe(w),
+        address=w.address,
+        device=w.device,
+        hostname=w.hostname,
+        state=w.state,
+        last_heartbeat_age=now - w.last_heartbeat,
+        param_bytes=w.param_bytes,
+        predicted_param_bytes=roster.predicted_param_bytes(w),
+        kv_blocks_used=w.stats.get("kv_blocks_used", 0),
+        kv_blocks=w.kv_blocks,
+        steps=w.stats.get("steps", 0),
+        busy_seconds=w.stats.get("busy_seconds", 0.0),
+        memory_bytes=w.memory_bytes,
+        expert_load=w.stats.get("expert_load", []),
+    )
 
 
 @dataclass(frozen=True)
@@ -169,7 +210,9 @@ class CoordinatorOptions:
 def build_roster(opts: CoordinatorOptions, on_change=lambda: None) -> Roster:
     """Validates the plan against the checkpoint's config before anything listens."""
     config = ModelConfig.from_dir(opts.model_dir)
-    plan = ParallelPlan.build(config, opts.tp, opts.pp, opts.ep, opts.layers, opts.expert_placement, opts.expert_replicas)
+    plan = ParallelPlan.build(
+        config, opts.tp, opts.pp, opts.ep, opts.layers, opts.expert_placement, opts.expert_replicas
+    )
     spec = ServingSpec(opts.model_dir, opts.dtype, opts.block_size, opts.max_model_len)
     return Roster(config, plan, spec, heartbeat_timeout=opts.heartbeat_timeout, on_change=on_change)
 

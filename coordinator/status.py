@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from google.protobuf.json_format import MessageToDict
-
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.units import format_bytes
 
@@ -14,32 +13,59 @@ def status_dict(status: pb.ClusterStatus) -> dict:
     t = status.topology
     workers = []
     for w in status.workers:
-        workers.append({
-            "worker_id": w.worker_id, "kind": w.kind, "role": w.role, "stage": w.stage, "tp_rank": w.tp_rank,
-            "expert_index": w.expert_index, "address": w.address, "device": w.device, "hostname": w.hostname,
-            "state": w.state, "last_heartbeat_age": round(w.last_heartbeat_age, 3), "param_bytes": w.param_bytes,
-            "predicted_param_bytes": w.predicted_param_bytes, "kv_blocks_used": w.kv_blocks_used,
-            "kv_blocks": w.kv_blocks, "steps": w.steps, "busy_seconds": round(w.busy_seconds, 3),
-            "memory_bytes": w.memory_bytes,
-            "expert_load": [{"layer": l.layer, "expert_ids": list(l.expert_ids), "tokens": list(l.tokens)}
-                            for l in w.expert_load],
-        })  # fmt: skip
+        workers.append(
+            {
+                "worker_id": w.worker_id,
+                "kind": w.kind,
+                "role": w.role,
+                "stage": w.stage,
+                "tp_rank": w.tp_rank,
+                "expert_index": w.expert_index,
+                "address": w.address,
+                "device": w.device,
+                "hostname": w.hostname,
+                "state": w.state,
+                "last_heartbeat_age": round(w.last_heartbeat_age, 3),
+                "param_bytes": w.param_bytes,
+                "predicted_param_bytes": w.predicted_param_bytes,
+                "kv_blocks_used": w.kv_blocks_used,
+                "kv_blocks": w.kv_blocks,
+                "steps": w.steps,
+                "busy_seconds": round(w.busy_seconds, 3),
+                "memory_bytes": w.memory_bytes,
+                "expert_load": [
+                    {"layer": l.layer, "expert_ids": list(l.expert_ids), "tokens": list(l.tokens)}
+                    for l in w.expert_load
+                ],
+            }
+        )
     gateway = None
     if status.gateway_report_age >= 0:
         g = status.gateway
         gateway = {
-            "address": g.address, "queued": g.queued, "running": g.running,
-            "tokens_per_second": round(g.tokens_per_second, 2), "kv_blocks_used": g.kv_blocks_used,
-            "kv_blocks_total": g.kv_blocks_total, "requests_total": g.requests_total,
+            "address": g.address,
+            "queued": g.queued,
+            "running": g.running,
+            "tokens_per_second": round(g.tokens_per_second, 2),
+            "kv_blocks_used": g.kv_blocks_used,
+            "kv_blocks_total": g.kv_blocks_total,
+            "requests_total": g.requests_total,
             "report_age": round(status.gateway_report_age, 3),
-        }  # fmt: skip
+        }
     serving = t.ready and gateway is not None and gateway["report_age"] < GATEWAY_STALE_SECONDS
     plan = MessageToDict(t.plan, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return {
-        "serving": serving, "epoch": t.epoch, "ready": t.ready, "reason": t.reason, "plan": plan,
-        "stage_addresses": list(t.stage_addresses), "expert_addresses": list(t.expert_addresses),
-        "kv_blocks": t.kv_blocks, "workers": workers, "gateway": gateway,
-    }  # fmt: skip
+        "serving": serving,
+        "epoch": t.epoch,
+        "ready": t.ready,
+        "reason": t.reason,
+        "plan": plan,
+        "stage_addresses": list(t.stage_addresses),
+        "expert_addresses": list(t.expert_addresses),
+        "kv_blocks": t.kv_blocks,
+        "workers": workers,
+        "gateway": gateway,
+    }
 
 
 def expert_imbalance(load: list[dict]) -> float | None:
@@ -60,18 +86,38 @@ def render(data: dict, console) -> None:
     plan = data["plan"]
     layers = ",".join(f"{s['first']}-{s['end'] - 1}" for s in plan.get("stages", []))
     state = "SERVING" if data["serving"] else f"NOT SERVING ({data['reason'] or 'no gateway report'})"
-    console.print(f"[bold]{plan.get('model_dir')}[/] {plan.get('model_type')} tp={plan.get('tp')} pp={plan.get('pp')} "
-                  f"ep={plan.get('ep')} layers={layers} dtype={plan.get('dtype')} epoch={data['epoch']}: {state}")
+    console.print(
+        f"[bold]{plan.get('model_dir')}[/] {plan.get('model_type')} tp={plan.get('tp')} pp={plan.get('pp')} "
+        f"ep={plan.get('ep')} layers={layers} dtype={plan.get('dtype')} epoch={data['epoch']}: {state}"
+    )
     table = Table(show_lines=False)
-    for col in ("role", "address", "device", "state", "heartbeat", "params measured / predicted", "KV used / cap",
-                "steps", "busy s"):
+    for col in (
+        "role",
+        "address",
+        "device",
+        "state",
+        "heartbeat",
+        "params measured / predicted",
+        "KV used / cap",
+        "steps",
+        "busy s",
+    ):
         table.add_column(col)
     all_load = []
     for w in data["workers"]:
         kv = f"{w['kv_blocks_used']} / {w['kv_blocks']}" if w["kind"] == "stage" else "-"
         params = f"{format_bytes(w['param_bytes'])} / {format_bytes(w['predicted_param_bytes'])}"
-        table.add_row(w["role"], w["address"], w["device"], w["state"], f"{w['last_heartbeat_age']:.1f}s ago",
-                      params, kv, str(w["steps"]), f"{w['busy_seconds']:.2f}")  # fmt: skip
+        table.add_row(
+            w["role"],
+            w["address"],
+            w["device"],
+            w["state"],
+            f"{w['last_heartbeat_age']:.1f}s ago",
+            params,
+            kv,
+            str(w["steps"]),
+            f"{w['busy_seconds']:.2f}",
+        )
         all_load += w["expert_load"]
     console.print(table)
     imbalance = expert_imbalance(all_load)
@@ -81,6 +127,8 @@ def render(data: dict, console) -> None:
     if g is None:
         console.print("gateway: no report yet")
     else:
-        console.print(f"gateway {g['address']}: queued {g['queued']}, running {g['running']}, "
-                      f"{g['tokens_per_second']:.1f} tokens/s, KV {g['kv_blocks_used']}/{g['kv_blocks_total']} blocks, "
-                      f"{g['requests_total']} requests")  # fmt: skip
+        console.print(
+            f"gateway {g['address']}: queued {g['queued']}, running {g['running']}, "
+            f"{g['tokens_per_second']:.1f} tokens/s, KV {g['kv_blocks_used']}/{g['kv_blocks_total']} blocks, "
+            f"{g['requests_total']} requests"
+        )

@@ -12,7 +12,6 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import yaml
-
 from stagemesh.deploy.launcher import (
     MeshLayout,
     WorkerSite,
@@ -126,12 +125,24 @@ class Cluster:
     def layout(self) -> MeshLayout:
         p = self.parallel
         return MeshLayout(
-            self.model.path, p.tp, p.pp, p.ep, p.layers, p.expert_placement, p.expert_replicas, self.model.dtype,
-            threads=self.workers.threads, kv_memory=self.workers.kv_memory, host=self.bind, port=self.gateway.port,
-            coordinator_port=self.coordinator.port, max_step_tokens=self.gateway.max_step_tokens,
-            max_queue=self.gateway.max_queue, max_running=self.gateway.max_running,
+            self.model.path,
+            p.tp,
+            p.pp,
+            p.ep,
+            p.layers,
+            p.expert_placement,
+            p.expert_replicas,
+            self.model.dtype,
+            threads=self.workers.threads,
+            kv_memory=self.workers.kv_memory,
+            host=self.bind,
+            port=self.gateway.port,
+            coordinator_port=self.coordinator.port,
+            max_step_tokens=self.gateway.max_step_tokens,
+            max_queue=self.gateway.max_queue,
+            max_running=self.gateway.max_running,
             metrics_port=self.gateway.metrics_port,
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -234,12 +245,16 @@ def validate(cluster: Cluster, where: str = "cluster") -> None:
     _check_hosts(cluster, where)
     _check_parallel(cluster, where)
     _check_ports(cluster, where)
-    busy = {p.host.name for p in placements(cluster)} | {cluster.host(cluster.coordinator.host).name,
-                                                         cluster.host(cluster.gateway.host).name}  # fmt: skip
+    busy = {p.host.name for p in placements(cluster)} | {
+        cluster.host(cluster.coordinator.host).name,
+        cluster.host(cluster.gateway.host).name,
+    }
     idle = [h.name for h in cluster.hosts if h.name not in busy]
     if idle:
-        raise InvalidArgument(f"{where}: host {idle[0]!r} would run no service: the {cluster.workers_needed} "
-                              "workers fill the hosts' devices in order and are all placed before it")  # fmt: skip
+        raise InvalidArgument(
+            f"{where}: host {idle[0]!r} would run no service: the {cluster.workers_needed} "
+            "workers fill the hosts' devices in order and are all placed before it"
+        )
 
 
 def _check_hosts(cluster: Cluster, where: str) -> None:
@@ -326,11 +341,23 @@ def services(cluster: Cluster, pinned: bool = False) -> list[Service]:
     chost, ghost = cluster.host(cluster.coordinator.host), cluster.host(cluster.gateway.host)
     tls = not pinned  # containers see the certificates at /certs: deploy.compose adds that environment itself
     out = [
-        Service(COORDINATOR, COORDINATOR, chost.name, tuple(coordinator_command(layout)),
-                _env(cluster, chost, COORDINATOR if tls else None), cluster.coordinator.port),
-        Service(GATEWAY, GATEWAY, ghost.name, tuple(gateway_command(layout, coordinator, ghost.address)),
-                _env(cluster, ghost, GATEWAY if tls else None), cluster.gateway.port),
-    ]  # fmt: skip
+        Service(
+            COORDINATOR,
+            COORDINATOR,
+            chost.name,
+            tuple(coordinator_command(layout)),
+            _env(cluster, chost, COORDINATOR if tls else None),
+            cluster.coordinator.port,
+        ),
+        Service(
+            GATEWAY,
+            GATEWAY,
+            ghost.name,
+            tuple(gateway_command(layout, coordinator, ghost.address)),
+            _env(cluster, ghost, GATEWAY if tls else None),
+            cluster.gateway.port,
+        ),
+    ]
     return out + [_worker(cluster, layout, p, pinned) for p in placements(cluster)]
 
 
@@ -350,8 +377,9 @@ def _worker(cluster: Cluster, layout: MeshLayout, p: Placement, pinned: bool) ->
     else:
         site = WorkerSite(device, cluster.bind, p.port, p.host.address)
         name, argv = f"expert-{p.index}", expert_worker_command(layout, coordinator, p.index, site, threads)
-    return Service(name, p.role, p.host.name, tuple(argv), _env(cluster, p.host, None if pinned else "worker"),
-                   p.port, gpu)  # fmt: skip
+    return Service(
+        name, p.role, p.host.name, tuple(argv), _env(cluster, p.host, None if pinned else "worker"), p.port, gpu
+    )
 
 
 def _env(cluster: Cluster, host: Host, certificate: str | None) -> tuple[tuple[str, str], ...]:

@@ -8,7 +8,6 @@ import re
 from pathlib import Path, PurePosixPath
 
 import yaml
-
 from stagemesh.deploy.cluster import COORDINATOR, GATEWAY, Cluster, Service, load_cluster, services, tls_environment
 from stagemesh.errors import InvalidArgument, StagemeshError
 
@@ -19,11 +18,19 @@ _VARIABLE = re.compile(r"\$\$|\$\{([A-Z][A-Z0-9_]*)\}")
 
 # Flags whose value is the same setting in every service that has them.
 SHARED_FLAGS = {
-    "--model": "MODEL", "--dtype": "DTYPE", "--layers": "LAYERS", "--expert-placement": "EXPERT_PLACEMENT",
-    "--expert-replicas": "EXPERT_REPLICAS", "--host": "BIND_ADDRESS", "--threads": "THREADS",
-    "--kv-memory": "KV_MEMORY", "--max-step-tokens": "MAX_STEP_TOKENS", "--max-queue": "MAX_QUEUE",
-    "--max-running": "MAX_RUNNING", "--metrics-port": "GATEWAY_METRICS_PORT",
-}  # fmt: skip
+    "--model": "MODEL",
+    "--dtype": "DTYPE",
+    "--layers": "LAYERS",
+    "--expert-placement": "EXPERT_PLACEMENT",
+    "--expert-replicas": "EXPERT_REPLICAS",
+    "--host": "BIND_ADDRESS",
+    "--threads": "THREADS",
+    "--kv-memory": "KV_MEMORY",
+    "--max-step-tokens": "MAX_STEP_TOKENS",
+    "--max-queue": "MAX_QUEUE",
+    "--max-running": "MAX_RUNNING",
+    "--metrics-port": "GATEWAY_METRICS_PORT",
+}
 
 
 class _Flow(list):
@@ -56,10 +63,13 @@ def interpolate(text: str, values: dict[str, str]) -> str:
 def compose_values(cluster: Cluster) -> dict[str, str]:
     c = cluster.compose
     return {
-        "STAGEMESH_IMAGE": c.image, "MODELS_DIR": c.models_dir, "RESTART": c.restart,
-        "HEALTH_INTERVAL": c.health_interval, "HEALTH_TIMEOUT": c.health_timeout,
+        "STAGEMESH_IMAGE": c.image,
+        "MODELS_DIR": c.models_dir,
+        "RESTART": c.restart,
+        "HEALTH_INTERVAL": c.health_interval,
+        "HEALTH_TIMEOUT": c.health_timeout,
         "HEALTH_START_PERIOD": c.health_start_period,
-    }  # fmt: skip
+    }
 
 
 def address_values(cluster: Cluster) -> dict[str, str]:
@@ -143,12 +153,13 @@ def settings(cluster: Cluster, all_services: list[Service]) -> tuple[dict[str, l
         "Image, model volume, restarts, health checks": compose_values(cluster),
         "Where the other hosts reach each host": address_values(cluster),
         "The services' flags": {k: v for k, v in found.items() if k not in fixed},
-        "The GPU each worker's container reserves (it sees it as cuda:0)":
-            {service_variable(s, "GPU"): str(s.gpu) for s in all_services if s.gpu is not None},
+        "The GPU each worker's container reserves (it sees it as cuda:0)": {
+            service_variable(s, "GPU"): str(s.gpu) for s in all_services if s.gpu is not None
+        },
         "The services' environment": env_values(cluster),
         "Security: fill in both tokens (e.g. `openssl rand -hex 32`); with TLS, CERTS_DIR holds `stagemesh certs`' "
         "output": security_values(cluster),
-    }  # fmt: skip
+    }
     values = _merge(groups)
     for s in all_services:
         if [interpolate(t, values) for t in commands[s.name]] != list(s.argv):
@@ -171,16 +182,24 @@ def compose_service(cluster: Cluster, s: Service, command: list[str]) -> dict:
     body = {
         "image": "${STAGEMESH_IMAGE}",
         "command": command,
-        "environment": {**{k: f"${{{_env_variable(cluster, s, k)}}}" for k, _ in s.env},
-                        **security_environment(cluster, s)},
-        "volumes": [f"${{MODELS_DIR}}:{MOUNT}:ro", *([f"${{CERTS_DIR}}:{CERTS}:ro"] if cluster.security.tls_dir else [])],
+        "environment": {
+            **{k: f"${{{_env_variable(cluster, s, k)}}}" for k, _ in s.env},
+            **security_environment(cluster, s),
+        },
+        "volumes": [
+            f"${{MODELS_DIR}}:{MOUNT}:ro",
+            *([f"${{CERTS_DIR}}:{CERTS}:ro"] if cluster.security.tls_dir else []),
+        ],
         "network_mode": "host",  # NCCL and gloo open ports of their own beyond the rendezvous port
         "restart": "${RESTART}",
         "healthcheck": {
-            "test": _Flow(["CMD", "stagemesh", "health", address]), "interval": "${HEALTH_INTERVAL}",
-            "timeout": "${HEALTH_TIMEOUT}", "retries": 3, "start_period": "${HEALTH_START_PERIOD}",
+            "test": _Flow(["CMD", "stagemesh", "health", address]),
+            "interval": "${HEALTH_INTERVAL}",
+            "timeout": "${HEALTH_TIMEOUT}",
+            "retries": 3,
+            "start_period": "${HEALTH_START_PERIOD}",
         },
-    }  # fmt: skip
+    }
     if s.role != COORDINATOR and s.host == cluster.host(cluster.coordinator.host).name:
         body["depends_on"] = {COORDINATOR: {"condition": "service_healthy"}}
     if s.gpu is not None:
@@ -201,8 +220,10 @@ def _env_variable(cluster: Cluster, s: Service, name: str) -> str:
 def _check_model_path(cluster: Cluster) -> None:
     path = PurePosixPath(cluster.model.path)
     if not path.is_relative_to(MOUNT) or path == PurePosixPath(MOUNT):
-        raise InvalidArgument(f"model.path {cluster.model.path!r}: the compose services see checkpoints under "
-                              f"{MOUNT} (MODELS_DIR is mounted there); write {MOUNT}/NAME")  # fmt: skip
+        raise InvalidArgument(
+            f"model.path {cluster.model.path!r}: the compose services see checkpoints under "
+            f"{MOUNT} (MODELS_DIR is mounted there); write {MOUNT}/NAME"
+        )
 
 
 def _header(config_name: str, host: str) -> str:

@@ -8,7 +8,6 @@ import sys
 import time
 
 from rich.console import Console
-
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import render, status_dict
 from stagemesh.deploy.launcher import LocalMesh, MeshLayout

@@ -79,8 +79,9 @@ def _site_flags(site: WorkerSite) -> list[str]:
     return flags + (["--advertise", site.advertise] if site.advertise else [])
 
 
-def stage_worker_command(layout: MeshLayout, coordinator: str, stage: int, rank: int, site: WorkerSite,
-                         threads: int | None) -> list[str]:  # fmt: skip
+def stage_worker_command(
+    layout: MeshLayout, coordinator: str, stage: int, rank: int, site: WorkerSite, threads: int | None
+) -> list[str]:
     argv = ["stage-worker", "--coordinator", coordinator, *_site_flags(site)]
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
@@ -88,8 +89,9 @@ def stage_worker_command(layout: MeshLayout, coordinator: str, stage: int, rank:
     return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
 
 
-def expert_worker_command(layout: MeshLayout, coordinator: str, index: int, site: WorkerSite,
-                          threads: int | None) -> list[str]:  # fmt: skip
+def expert_worker_command(
+    layout: MeshLayout, coordinator: str, index: int, site: WorkerSite, threads: int | None
+) -> list[str]:
     argv = ["expert-worker", "--coordinator", coordinator, *_site_flags(site)]
     argv += ["--threads", str(threads)] if threads else []
     return argv + ["--device", site.device, "--expert-worker-index", str(index)]
@@ -110,8 +112,21 @@ def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, lis
 
 
 def coordinator_command(layout: MeshLayout) -> list[str]:
-    argv = ["coordinator", "--model", layout.model_dir, "--tp", str(layout.tp), "--pp", str(layout.pp),
-            "--dtype", layout.dtype, "--host", layout.host, "--port", str(layout.coordinator_port)]  # fmt: skip
+    argv = [
+        "coordinator",
+        "--model",
+        layout.model_dir,
+        "--tp",
+        str(layout.tp),
+        "--pp",
+        str(layout.pp),
+        "--dtype",
+        layout.dtype,
+        "--host",
+        layout.host,
+        "--port",
+        str(layout.coordinator_port),
+    ]
     if layout.layers:
         argv += ["--layers", layout.layers]
     if layout.ep:
@@ -122,9 +137,21 @@ def coordinator_command(layout: MeshLayout) -> list[str]:
 
 
 def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None = None) -> list[str]:
-    argv = ["gateway", "--coordinator", coordinator, "--host", layout.host, "--port", str(layout.port),
-            "--max-step-tokens", str(layout.max_step_tokens), "--max-queue", str(layout.max_queue),
-            "--max-running", str(layout.max_running)]  # fmt: skip
+    argv = [
+        "gateway",
+        "--coordinator",
+        coordinator,
+        "--host",
+        layout.host,
+        "--port",
+        str(layout.port),
+        "--max-step-tokens",
+        str(layout.max_step_tokens),
+        "--max-queue",
+        str(layout.max_queue),
+        "--max-running",
+        str(layout.max_running),
+    ]
     if advertise:
         argv += ["--advertise", advertise]
     if layout.metrics_port is not None:
@@ -166,15 +193,28 @@ class LocalMesh:
         from stagemesh.coordinator.server import CoordinatorOptions, build_roster
 
         layout = self.layout
-        build_roster(CoordinatorOptions(layout.model_dir, layout.tp, layout.pp, layout.ep, layout.layers,
-                                        layout.expert_placement, layout.expert_replicas))  # fmt: skip
+        build_roster(
+            CoordinatorOptions(
+                layout.model_dir,
+                layout.tp,
+                layout.pp,
+                layout.ep,
+                layout.layers,
+                layout.expert_placement,
+                layout.expert_replicas,
+            )
+        )
 
     def _spawn(self, name: str, argv: list[str], deadline: float | None, env: dict[str, str] | None = None) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
         child.proc = subprocess.Popen(
-            child.argv, stdout=subprocess.PIPE, stderr=None, text=True, preexec_fn=_die_with_parent,
+            child.argv,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            preexec_fn=_die_with_parent,
             env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-        )  # fmt: skip
+        )
         self.children.append(child)
         ready = threading.Event()
         threading.Thread(target=self._drain, args=(child, ready), daemon=True).start()
@@ -218,8 +258,11 @@ class LocalMesh:
                 code = child.proc.poll()
                 if code is not None and child.name not in reported and not self._stopping:
                     reported.add(child.name)
-                    print(f"stagemesh up: {child.name} (pid {child.proc.pid}) exited with code {code}",
-                          file=self.log, flush=True)  # fmt: skip
+                    print(
+                        f"stagemesh up: {child.name} (pid {child.proc.pid}) exited with code {code}",
+                        file=self.log,
+                        flush=True,
+                    )
             time.sleep(0.2)
 
     def stop(self, grace: float = 10.0) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
-
 from stagemesh.errors import InvalidArgument
+from torch import nn
 
 
 class ExpertEngine:
@@ -33,7 +32,9 @@ class ExpertEngine:
         if hidden.dtype != self.dtype:
             raise InvalidArgument(f"hidden states must be {str(self.dtype)[6:]}, got {str(hidden.dtype)[6:]}")
         if ids.dtype != torch.int64 or not weights.is_floating_point():
-            raise InvalidArgument(f"expert_ids must be int64 and weights floating point, got {ids.dtype}, {weights.dtype}")
+            raise InvalidArgument(
+                f"expert_ids must be int64 and weights floating point, got {ids.dtype}, {weights.dtype}"
+            )
         if ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or weights.shape != ids.shape:
             raise InvalidArgument(
                 f"expert_ids {list(ids.shape)} and weights {list(weights.shape)} must be (tokens, k) for "

@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
 from stagemesh.expert_worker.engine import ExpertEngine
 from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
@@ -32,8 +31,10 @@ class ExpertWorkerOptions(WorkerOptions):
 def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:
     if engine is None:
         return cpb.WorkerStats()
-    load = [cpb.ExpertLoad(layer=layer, tokens=row.tolist(), expert_ids=engine.expert_ids)
-            for layer, row in enumerate(engine.tokens)]  # fmt: skip
+    load = [
+        cpb.ExpertLoad(layer=layer, tokens=row.tolist(), expert_ids=engine.expert_ids)
+        for layer, row in enumerate(engine.tokens)
+    ]
     return cpb.WorkerStats(steps=engine.calls, busy_seconds=engine.busy_seconds, expert_load=load)
 
 
@@ -51,7 +52,9 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
 
     client = CoordinatorClient(opts.coordinator)
     await client.connect(opts.connect_timeout)
-    request = cpb.RegisterRequest(kind="expert", address=address, device=str(device), memory_bytes=device_memory(device))
+    request = cpb.RegisterRequest(
+        kind="expert", address=address, device=str(device), memory_bytes=device_memory(device)
+    )
     if opts.expert_worker_index is not None:
         request.expert_index = opts.expert_worker_index
     assignment = await client.register(request, timeout=opts.connect_timeout)

@@ -9,19 +9,21 @@ Typed requests and results; a failed call raises GatewayError carrying the gRPC 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
 
 import grpc
-
 from stagemesh.proto import generation_pb2 as pb
 from stagemesh.proto import generation_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import aio_channel, channel
 
 FINISH_NAMES = {
-    pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos",
-    pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error",
-}  # fmt: skip
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_ERROR: "error",
+}
 
 
 class GatewayError(Exception):
@@ -45,8 +47,13 @@ class GenerationParams:
     request_id: str = ""
 
     def to_proto(self) -> pb.GenerateRequest:
-        msg = pb.GenerateRequest(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
-                                 ignore_eos=self.ignore_eos, logprobs=self.logprobs, request_id=self.request_id)
+        msg = pb.GenerateRequest(
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+            request_id=self.request_id,
+        )
         if isinstance(self.prompt, str):
             msg.text = self.prompt
         else:
@@ -107,8 +114,9 @@ def _chunk(msg) -> StreamChunk:
     if msg.HasField("usage"):
         u = msg.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.seed, u.time_to_first_token, u.total_time)
-    return StreamChunk(msg.text, tuple(msg.token_ids), logprobs, FINISH_NAMES.get(msg.finish_reason), usage,
-                       msg.request_id)  # fmt: skip
+    return StreamChunk(
+        msg.text, tuple(msg.token_ids), logprobs, FINISH_NAMES.get(msg.finish_reason), usage, msg.request_id
+    )
 
 
 class Client:
@@ -147,7 +155,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -185,7 +193,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -197,8 +205,15 @@ def generate_via_gateway(address: str, args, timeout: float, on_text: Callable[[
     from stagemesh.errors import StagemeshError
 
     prompt = args.prompt if args.prompt is not None else list(args.prompt_ids)
-    params = GenerationParams(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)  # fmt: skip
+    params = GenerationParams(
+        prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
     completion = Completion()
     try:
         with Client(address, timeout) as client:

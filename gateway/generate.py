@@ -3,8 +3,8 @@ with the same output either way (streamed text, or one JSON object with token_id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stagemesh.gateway.tokenizer import TextCodec, require_codec
 

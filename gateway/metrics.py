@@ -15,26 +15,47 @@ class GatewayMetrics:
     def __init__(self, scheduler, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
         self.registry = r
-        self.ttft = Histogram("stagemesh_time_to_first_token_seconds", "Time from request arrival to its first token.",
-                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.itl = Histogram("stagemesh_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("stagemesh_e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "stagemesh_time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "stagemesh_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "stagemesh_e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("stagemesh_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("stagemesh_generation_tokens", "Tokens generated.", registry=r)
-        self.requests = Counter("stagemesh_requests", "Finished requests by finish reason.", ["finish_reason"],
-                                registry=r)  # fmt: skip
-        self.stage_busy = Counter("stagemesh_stage_busy_seconds", "Compute time per pipeline stage, as reported with "
-                                  "each step's result.", ["stage"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "stagemesh_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r
+        )
+        self.stage_busy = Counter(
+            "stagemesh_stage_busy_seconds",
+            "Compute time per pipeline stage, as reported with each step's result.",
+            ["stage"],
+            registry=r,
+        )
         Gauge("stagemesh_num_requests_waiting", "Requests waiting for KV space.", registry=r).set_function(
-            lambda: len(scheduler.waiting))
+            lambda: len(scheduler.waiting)
+        )
         Gauge("stagemesh_num_requests_running", "Sequences holding KV space.", registry=r).set_function(
-            lambda: len(scheduler.running))
+            lambda: len(scheduler.running)
+        )
         Gauge("stagemesh_kv_cache_usage_ratio", "Fraction of the mesh's KV blocks in use.", registry=r).set_function(
-            lambda: scheduler.kv.used_blocks / scheduler.kv.num_blocks if scheduler.kv else 0.0)
+            lambda: scheduler.kv.used_blocks / scheduler.kv.num_blocks if scheduler.kv else 0.0
+        )
         Gauge("stagemesh_kv_cache_blocks_used", "KV blocks in use.", registry=r).set_function(
-            lambda: scheduler.kv_blocks_used)
+            lambda: scheduler.kv_blocks_used
+        )
 
     # ---- the scheduler's observer interface ----
 
@@ -53,4 +74,3 @@ class GatewayMetrics:
     def stage_timings(self, timings: list[tuple[int, float]]) -> None:
         for stage, busy in timings:
             self.stage_busy.labels(str(stage)).inc(busy)
-

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
-
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.gateway.scheduler import PlannedStep
 from stagemesh.models.requests import SampledToken
@@ -72,11 +71,20 @@ def step_message(step: PlannedStep, epoch: int) -> pb.Step:
     seqs, token_ids = [], []
     for c in step.chunks:
         s = c.sampling
-        sampling = pb.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                                     logprobs=s.logprobs)  # fmt: skip
-        seqs.append(pb.SeqStep(seq_id=c.seq_id, start_pos=c.start_pos, num_tokens=len(c.token_ids),
-                               block_table=c.block_table, wants_token=c.wants_token, sampling=sampling,
-                               draw_index=c.draw_index))  # fmt: skip
+        sampling = pb.SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed, logprobs=s.logprobs
+        )
+        seqs.append(
+            pb.SeqStep(
+                seq_id=c.seq_id,
+                start_pos=c.start_pos,
+                num_tokens=len(c.token_ids),
+                block_table=c.block_table,
+                wants_token=c.wants_token,
+                sampling=sampling,
+                draw_index=c.draw_index,
+            )
+        )
         token_ids.extend(c.token_ids)
     return pb.Step(step_id=step.step_id, epoch=epoch, seqs=seqs, token_ids=token_ids, release=step.release)
 

@@ -16,8 +16,9 @@ import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from stagemesh.errors import ResourceExhausted, StagemeshError, Unavailable
 from stagemesh.models.blocks import BlockAllocator
@@ -64,10 +65,10 @@ class StepSink(Protocol):
 class Observer:
     """Told about tokens and finished requests (gateway.metrics implements it); does nothing by default."""
 
-    def token(self, seq: "Sequence", now: float) -> None:
+    def token(self, seq: Sequence, now: float) -> None:
         pass
 
-    def finished(self, seq: "Sequence", reason: str, now: float) -> None:
+    def finished(self, seq: Sequence, reason: str, now: float) -> None:
         pass
 
 
@@ -129,8 +130,15 @@ class Scheduler:
 
     # ---- mesh lifecycle ----
 
-    def attach(self, sink: StepSink, kv: BlockAllocator, max_inflight: int, vocab_size: int, max_context: int,
-               eos_ids: tuple[int, ...]) -> None:  # fmt: skip
+    def attach(
+        self,
+        sink: StepSink,
+        kv: BlockAllocator,
+        max_inflight: int,
+        vocab_size: int,
+        max_context: int,
+        eos_ids: tuple[int, ...],
+    ) -> None:
         self.sink, self.kv, self.max_inflight = sink, kv, max_inflight
         self.vocab_size, self.max_context, self.eos_ids = vocab_size, max_context, eos_ids
 
@@ -260,10 +268,14 @@ class Scheduler:
         seq.num_computed += count
         seq.inflight = True
         return Chunk(
-            seq.seq_id, start, tuple(seq.tokens[start : start + count]),
-            seq.block_table if start == 0 else (), seq.num_computed == len(seq.tokens),
-            seq.request.sampling, len(seq.generated),
-        )  # fmt: skip
+            seq.seq_id,
+            start,
+            tuple(seq.tokens[start : start + count]),
+            seq.block_table if start == 0 else (),
+            seq.num_computed == len(seq.tokens),
+            seq.request.sampling,
+            len(seq.generated),
+        )
 
     def _take_release(self) -> tuple[int, ...]:
         release, self.pending_release = tuple(self.pending_release), []

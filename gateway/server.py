@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from stagemesh.errors import InvalidArgument
 from stagemesh.gateway.output import TextOutput
@@ -17,9 +17,12 @@ from stagemesh.proto.rpc import maps_errors, status_code
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {
-    "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
-    "cancelled": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR,
-}  # fmt: skip
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "eos": pb.FINISH_REASON_EOS,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
 DEFAULT_MAX_TOKENS = 256
 MAX_PROMPT_BYTES = 1 << 20
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
@@ -78,10 +81,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if event.error is not None:
             response.error = str(event.error)
         now = self.scheduler.clock()
-        response.usage.CopyFrom(pb.Usage(
-            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.generated), seed=seq.request.sampling.seed,
-            time_to_first_token=(seq.first_token_at or now) - seq.submitted_at, total_time=now - seq.submitted_at,
-        ))  # fmt: skip
+        response.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=len(seq.generated),
+                seed=seq.request.sampling.seed,
+                time_to_first_token=(seq.first_token_at or now) - seq.submitted_at,
+                total_time=now - seq.submitted_at,
+            )
+        )
         return response
 
 
@@ -97,10 +105,14 @@ def _add_token(response: pb.GenerateResponse, token: SampledToken, output: TextO
     response.token_ids.append(token.token_id)
     response.text += output.add(token.token_id)
     if logprobs:
-        response.logprobs.append(pb.TokenLogprobs(
-            token_id=token.token_id, logprob=token.logprob,
-            top_ids=[i for i, _ in token.top_logprobs], top_logprobs=[lp for _, lp in token.top_logprobs],
-        ))  # fmt: skip
+        response.logprobs.append(
+            pb.TokenLogprobs(
+                token_id=token.token_id,
+                logprob=token.logprob,
+                top_ids=[i for i, _ in token.top_logprobs],
+                top_logprobs=[lp for _, lp in token.top_logprobs],
+            )
+        )
 
 
 def to_request(request: pb.GenerateRequest, codec: TextCodec | None, max_context: int) -> tuple[GenerationRequest, str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.errors import StagemeshError, Unavailable
-from stagemesh.gateway.pipeline import PipelineLink
 from stagemesh.gateway.metrics import GatewayMetrics
+from stagemesh.gateway.pipeline import PipelineLink
 from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits
 from stagemesh.gateway.server import SERVICE, GenerationServicer
 from stagemesh.gateway.tokenizer import TextCodec
@@ -114,10 +114,14 @@ class Gateway:
         while True:
             s = self.scheduler
             report = cpb.GatewayReport(
-                address=self.address, queued=len(s.waiting), running=len(s.running),
-                tokens_per_second=self.tokens_per_second(), kv_blocks_used=s.kv_blocks_used,
-                kv_blocks_total=s.kv.num_blocks if s.kv else 0, requests_total=s.requests_total,
-            )  # fmt: skip
+                address=self.address,
+                queued=len(s.waiting),
+                running=len(s.running),
+                tokens_per_second=self.tokens_per_second(),
+                kv_blocks_used=s.kv_blocks_used,
+                kv_blocks_total=s.kv.num_blocks if s.kv else 0,
+                requests_total=s.requests_total,
+            )
             try:
                 await self.client.call("ReportGateway", report, timeout=5.0)
             except StagemeshError as e:
@@ -129,13 +133,21 @@ class Gateway:
             raise Unavailable(f"not ready: {self.scheduler.not_ready}")
         plan, c = self.topology.plan, self.config
         return pb.ModelInfoResponse(
-            model_type=c.model_type, architecture=_architecture(plan.model_dir, self.opts.model_dir),
-            vocab_size=c.vocab_size, max_context=self.scheduler.max_context, num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size, tp=plan.tp, pp=plan.pp, ep=plan.ep,
-            stage_layers=[f"{r.first}-{r.end - 1}" for r in plan.stages], dtype=plan.dtype,
+            model_type=c.model_type,
+            architecture=_architecture(plan.model_dir, self.opts.model_dir),
+            vocab_size=c.vocab_size,
+            max_context=self.scheduler.max_context,
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            tp=plan.tp,
+            pp=plan.pp,
+            ep=plan.ep,
+            stage_layers=[f"{r.first}-{r.end - 1}" for r in plan.stages],
+            dtype=plan.dtype,
             kv_capacity_tokens=self.scheduler.kv.capacity_tokens if self.scheduler.kv else 0,
-            has_tokenizer=self.codec is not None, eos_token_ids=c.eos_token_ids,
-        )  # fmt: skip
+            has_tokenizer=self.codec is not None,
+            eos_token_ids=c.eos_token_ids,
+        )
 
 
 def _architecture(plan_dir: str, override: str | None) -> str:
@@ -156,7 +168,11 @@ async def run_gateway(opts: GatewayOptions) -> None:
     gateway.address = f"{advertise}:{bind(server, opts.host, opts.port, public=True)}"
     await client.connect(opts.connect_timeout)
     if opts.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", opts.host, serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port))
+        log.info(
+            "metrics on http://%s:%d/metrics",
+            opts.host,
+            serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port),
+        )
     await server.start()
     await set_serving(health, [SERVICE], False)
     await run_service("gateway", gateway.address, server, background=[gateway.follow(), gateway.report()])

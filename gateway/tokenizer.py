@@ -17,7 +17,7 @@ class TextCodec:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "TextCodec | None":
+    def from_dir(cls, path: str | Path) -> TextCodec | None:
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             return None
@@ -31,7 +31,7 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from stagemesh.errors import InvalidArgument
 
 
@@ -75,7 +74,7 @@ class StepBatch:
         return self._masks[key]
 
     @classmethod
-    def build(cls, chunks: list[SeqChunk] | tuple[SeqChunk, ...], block_size: int, device="cpu") -> "StepBatch":
+    def build(cls, chunks: list[SeqChunk] | tuple[SeqChunk, ...], block_size: int, device="cpu") -> StepBatch:
         def t(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 

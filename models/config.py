@@ -77,7 +77,7 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
@@ -91,7 +91,7 @@ class ModelConfig:
         return cls.from_hf_dict(raw)
 
     @classmethod
-    def from_hf_dict(cls, raw: dict) -> "ModelConfig":
+    def from_hf_dict(cls, raw: dict) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
@@ -103,7 +103,7 @@ class ModelConfig:
             raise CheckpointError(f"config.json for {model_type} lacks the field {e.args[0]!r}") from None
 
     @classmethod
-    def _parse(cls, model_type: str, raw: dict) -> "ModelConfig":
+    def _parse(cls, model_type: str, raw: dict) -> ModelConfig:
         heads = raw["num_attention_heads"]
         layers = raw["num_hidden_layers"]
         rope_theta, rope_scaling = _parse_rope(raw)
@@ -141,9 +141,7 @@ def _parse_rope(raw: dict) -> tuple[float, RopeScaling]:
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise CheckpointError(
-            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise CheckpointError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     scaling = RopeScaling(
         rope_type=rope_type,
         factor=float(params.get("factor", 1.0)),

@@ -12,11 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from stagemesh.models.batch import StepBatch
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.kv_cache import PagedKVCache
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -119,7 +118,6 @@ class Attention(nn.Module):
             out[rows] = o[0].transpose(0, 1)
         return out
 
-
     def _decode(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """q (Bd, H, Dh) of single-token chunks -> (Bd, H, Dh), one padded batch over the paged cache."""
         kd, vd = self.kv_cache.gather(batch.decode_slots)  # (Bd, KV, T, Dh)
@@ -216,9 +214,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (
-            SparseMoE(config)
-            if config.is_moe
-            else MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+            SparseMoE(config) if config.is_moe else MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> torch.Tensor:

@@ -8,14 +8,12 @@ checkpoint pieces the TP plan names for it. Pickled weights (`*.bin`, `*.pt`) ar
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
-from torch import nn
-
 from stagemesh.errors import CheckpointError
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.layers import Experts
@@ -30,6 +28,7 @@ from stagemesh.models.tp import (
     row_parallel_cols,
 )
 from stagemesh.models.transformer import Transformer
+from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -111,11 +110,20 @@ def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     leaf = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
     is_bias = name.endswith(".bias")
     out_in = {
-        "q_proj": (config.q_size, h), "k_proj": (config.kv_size, h), "v_proj": (config.kv_size, h),
-        "o_proj": (h, config.q_size), "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
-        "w1": (inter, h), "w3": (inter, h), "w2": (h, inter), "gate": (config.num_local_experts, h),
-        "embed_tokens": (v, h), "lm_head": (v, h),
-    }  # fmt: skip
+        "q_proj": (config.q_size, h),
+        "k_proj": (config.kv_size, h),
+        "v_proj": (config.kv_size, h),
+        "o_proj": (h, config.q_size),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+        "w1": (inter, h),
+        "w3": (inter, h),
+        "w2": (h, inter),
+        "gate": (config.num_local_experts, h),
+        "embed_tokens": (v, h),
+        "lm_head": (v, h),
+    }
     if leaf in out_in:
         return (out_in[leaf][0],) if is_bias else out_in[leaf]
     return (h,)  # norms
@@ -147,9 +155,7 @@ def param_pieces(config: ModelConfig, name: str, module: nn.Module, tp: TPRank) 
     return [[Piece(f"{prefix}{path}")]]  # layer norms
 
 
-def _expert_pieces(
-    config: ModelConfig, prefix: str, leaf: str, expert_ids: list[int], tp: TPRank
-) -> list[list[Piece]]:
+def _expert_pieces(config: ModelConfig, prefix: str, leaf: str, expert_ids: list[int], tp: TPRank) -> list[list[Piece]]:
     style, parts = MOE_TP_PLAN[f"mlp.experts.{leaf}"]
     if style == ROWWISE:
         cols = row_parallel_cols(config, "w2", tp.size, tp.rank)
@@ -158,9 +164,7 @@ def _expert_pieces(
     return [[Piece(f"{prefix}{j}.{p}.weight", rows=rows) for p in parts] for j in expert_ids]
 
 
-def load_shard(
-    model: nn.Module, reader: CheckpointReader, tp: TPRank, dtype: torch.dtype, device="cpu"
-) -> int:
+def load_shard(model: nn.Module, reader: CheckpointReader, tp: TPRank, dtype: torch.dtype, device="cpu") -> int:
     """Fills every parameter of `model` from the checkpoint; returns the parameter bytes now held."""
     config = reader.config
     loaded: dict[int, nn.Parameter] = {}  # shared (tied) parameters are loaded once and stay shared
@@ -171,7 +175,9 @@ def load_shard(
         if id(param) not in loaded:
             value = _read_param(reader, config, name, module, tp)
             if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{name}: checkpoint pieces give {list(value.shape)}, expected {list(param.shape)}")
+                raise CheckpointError(
+                    f"{name}: checkpoint pieces give {list(value.shape)}, expected {list(param.shape)}"
+                )
             loaded[id(param)] = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
         setattr(module, attr, loaded[id(param)])
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -219,11 +225,18 @@ def load_experts(
     reader = CheckpointReader(path)
     config = reader.config
     with torch.device("meta"):
-        layers = nn.ModuleDict({
-            str(i): nn.ModuleDict({"mlp": nn.ModuleDict({"experts": Experts(expert_ids, config.hidden_size,
-                                                                             config.intermediate_size)})})
-            for i in range(config.num_hidden_layers)
-        })  # fmt: skip
+        layers = nn.ModuleDict(
+            {
+                str(i): nn.ModuleDict(
+                    {
+                        "mlp": nn.ModuleDict(
+                            {"experts": Experts(expert_ids, config.hidden_size, config.intermediate_size)}
+                        )
+                    }
+                )
+                for i in range(config.num_hidden_layers)
+            }
+        )
         holder = nn.ModuleDict({"layers": layers})  # parameter names match the checkpoint's: layers.{i}.mlp.experts.*
     load_shard(holder, reader, TPRank(), dtype, device)
     return nn.ModuleDict({i: layers[i]["mlp"]["experts"] for i in layers}), reader

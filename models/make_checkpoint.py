@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.engine import parse_dtype
@@ -134,8 +133,8 @@ _TEXT = (
     "The mesh splits a model too large for one device into stages and ranks. Each stage holds a range of "
     "layers and the key value cache of those layers; each rank holds a slice of every weight matrix. "
     "Tokens flow from the gateway to the first stage, through every stage, and the last stage samples "
-    "the next token. Hello world! Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026. Punctuation, quotes \"like "
-    "this\", (brackets) and new\nlines.\n"
+    'the next token. Hello world! Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026. Punctuation, quotes "like '
+    'this", (brackets) and new\nlines.\n'
 )
 
 

@@ -56,7 +56,7 @@ class ParallelPlan:
         layers: str | list[tuple[int, int]] | None = None,
         placement: str = "contiguous",
         replicas: str | dict[int, int] | None = None,
-    ) -> "ParallelPlan":
+    ) -> ParallelPlan:
         """Validates the layout against the model; raises PlanError naming the number that does not fit."""
         _check_degrees(config, tp, pp, ep)
         if layers == "balanced":
@@ -170,15 +170,11 @@ def _check_degrees(config: ModelConfig, tp: int, pp: int, ep: int) -> None:
     if tp <= kv and kv % tp:
         raise PlanError(f"num_key_value_heads={kv} is not divisible by tp={tp}")
     if tp > kv and tp % kv:
-        raise PlanError(
-            f"tp={tp} is not a multiple of num_key_value_heads={kv} (KV heads are replicated only whole)"
-        )
+        raise PlanError(f"tp={tp} is not a multiple of num_key_value_heads={kv} (KV heads are replicated only whole)")
     if config.intermediate_size % tp:
         raise PlanError(f"intermediate_size={config.intermediate_size} is not divisible by tp={tp}")
     if pp > config.num_hidden_layers:
-        raise PlanError(
-            f"pp={pp} exceeds num_hidden_layers={config.num_hidden_layers}: every stage needs a layer"
-        )
+        raise PlanError(f"pp={pp} exceeds num_hidden_layers={config.num_hidden_layers}: every stage needs a layer")
     if ep and not config.is_moe:
         raise PlanError(f"ep={ep} needs a mixture-of-experts checkpoint; this {config.model_type} has no experts")
     if ep > config.num_local_experts:
@@ -256,9 +252,7 @@ def parse_replicas(text: str | None, num_experts: int) -> dict[int, int]:
     return copies
 
 
-def place_experts(
-    num_experts: int, ep: int, placement: str, copies: dict[int, int]
-) -> tuple[tuple[int, ...], ...]:
+def place_experts(num_experts: int, ep: int, placement: str, copies: dict[int, int]) -> tuple[tuple[int, ...], ...]:
     """Primary copy by contiguous blocks or round-robin; extra copies on the following workers."""
     if placement not in PLACEMENTS:
         raise PlanError(f"expert placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")

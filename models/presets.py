@@ -14,23 +14,60 @@ PRESETS = ("tiny", "small", "bench")
 
 _SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab, context
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, max_position_embeddings=512),
-    "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=704, vocab_size=4096, max_position_embeddings=2048),
-    "bench": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                  intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=512,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=704,
+        vocab_size=4096,
+        max_position_embeddings=2048,
+    ),
+    "bench": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+}
 
 _ARCH = {
-    "llama": dict(architectures=["LlamaForCausalLM"], rope_theta=500000.0, attention_bias=False, mlp_bias=False,
-                  tie_word_embeddings=False),
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        rope_theta=500000.0,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    ),
     "mistral": dict(architectures=["MistralForCausalLM"], rope_theta=1000000.0, tie_word_embeddings=False),
-    "qwen2": dict(architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0, tie_word_embeddings=True,
-                  use_sliding_window=False, sliding_window=None),
-    "mixtral": dict(architectures=["MixtralForCausalLM"], rope_theta=1000000.0, tie_word_embeddings=False,
-                    num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
-}  # fmt: skip
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=None,
+    ),
+    "mixtral": dict(
+        architectures=["MixtralForCausalLM"],
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=None,
+    ),
+}
 
 
 def hf_config(arch: str, preset: str, dtype: str = "float32") -> dict:
@@ -56,9 +93,12 @@ def hf_config(arch: str, preset: str, dtype: str = "float32") -> dict:
     if arch == "llama":
         # Llama-3.1 style frequency scaling, with a short original context so tiny prompts cross its bands.
         config["rope_scaling"] = {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": min(8192, shape["max_position_embeddings"] // 8),
-        }  # fmt: skip
+        }
     if arch == "mistral":
         config["sliding_window"] = 24 if preset == "tiny" else 4096
     return config

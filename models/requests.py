@@ -40,7 +40,6 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = field(default=())
 
 
-
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
@@ -66,7 +65,9 @@ class GenerationRequest:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab_size}); got {bad}")
 
 
-def finish_reason(token: int, generated: int, req: GenerationRequest, eos_ids: tuple[int, ...], room: int) -> str | None:
+def finish_reason(
+    token: int, generated: int, req: GenerationRequest, eos_ids: tuple[int, ...], room: int
+) -> str | None:
     """Why a sequence ends after emitting `token` as its `generated`-th token, or None to go on."""
     if token in req.stop_token_ids:
         return "stop"

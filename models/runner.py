@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.batch import SeqChunk, StepBatch
 from stagemesh.models.transformer import Transformer

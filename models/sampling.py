@@ -8,8 +8,8 @@ Logprobs are those of the model's own distribution (log-softmax of the raw logit
 from __future__ import annotations
 
 import torch
-
 from stagemesh.models.requests import SampledToken, SamplingParams
+
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], draw_index: list[int]) -> list[SampledToken]:
     """logits (S, V), one row per sequence; draw_index[i] = how many tokens sequence i has generated."""

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.layers import Experts
 from stagemesh.models.plan import kv_head_range, kv_heads_per_rank, shard_range, vocab_range
 from stagemesh.models.transformer import Transformer
+from torch import nn
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 

@@ -8,12 +8,11 @@ what it does not own left out (torchtitan's habit), and parameter names match th
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from stagemesh.models.batch import StepBatch
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.kv_cache import PagedKVCache
 from stagemesh.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from torch import nn
 
 
 class Transformer(nn.Module):
@@ -52,7 +51,9 @@ class Transformer(nn.Module):
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         """Bytes one KV block takes across this slice's layers (at the local, TP-sharded head count)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        per_layer = [2 * l.self_attn.n_kv_heads * l.self_attn.head_dim * block_size * itemsize for l in self.layers.values()]
+        per_layer = [
+            2 * l.self_attn.n_kv_heads * l.self_attn.head_dim * block_size * itemsize for l in self.layers.values()
+        ]
         return sum(per_layer)
 
     def forward(

@@ -13,7 +13,6 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from stagemesh.errors import StagemeshError
 from stagemesh.proto import security
 
@@ -95,15 +94,19 @@ def bind(server: grpc.aio.Server, host: str, port: int, public: bool = False) ->
     sec = security.current()
     sec.check_listen(host, protected_by_token=bool(sec.client_token if public else sec.cluster_token))
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, security.server_credentials(sec)) if sec.tls else (
-        server.add_insecure_port(address))  # fmt: skip
+    bound = (
+        server.add_secure_port(address, security.server_credentials(sec))
+        if sec.tls
+        else (server.add_insecure_port(address))
+    )
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     return bound
 
 
-def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False,
-                token: str | None = None):  # fmt: skip
+def aio_channel(
+    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False, token: str | None = None
+):
     """An asyncio channel with TLS and the cluster token (or, public, the client token) when configured;
     `token` overrides the configured one."""
     sec = security.current()
@@ -115,14 +118,18 @@ def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
 
 
-def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False,
-            token: str | None = None) -> grpc.Channel:  # fmt: skip
+def channel(
+    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False, token: str | None = None
+) -> grpc.Channel:
     """A blocking channel, configured like aio_channel; `token` overrides the configured one."""
     sec = security.current()
     token = token or (sec.client_token if public else sec.cluster_token)
     options = message_options(max_message_bytes)
-    ch = (grpc.secure_channel(address, security.channel_credentials(sec), options) if sec.tls
-          else grpc.insecure_channel(address, options))  # fmt: skip
+    ch = (
+        grpc.secure_channel(address, security.channel_credentials(sec), options)
+        if sec.tls
+        else grpc.insecure_channel(address, options)
+    )
     return grpc.intercept_channel(ch, security.AddToken(token)) if token else ch
 
 
@@ -149,7 +156,9 @@ def check_health(address: str, service: str = "", timeout: float = 5.0) -> bool:
     """True when the server at `address` answers grpc.health.v1 Check with SERVING."""
     with channel(address) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
 from stagemesh.errors import FailedPrecondition
 
 ENV = {
@@ -40,7 +39,7 @@ class Security:
     insecure: bool = False  # the operator's explicit opt-in to listen beyond loopback without protection
 
     @classmethod
-    def from_env(cls) -> "Security":
+    def from_env(cls) -> Security:
         values = {field: os.environ.get(name) or None for field, name in ENV.items()}
         values["insecure"] = (values["insecure"] or "").lower() in ("1", "true", "yes")
         security = cls(**values)
@@ -109,15 +108,17 @@ def configure(security: Security) -> None:
 def server_credentials(security: Security) -> grpc.ServerCredentials:
     """Mutual TLS: the server presents its certificate and requires one signed by the cluster CA."""
     pair = (security.read(security.tls_key), security.read(security.tls_cert))
-    return grpc.ssl_server_credentials([pair], root_certificates=security.read(security.tls_ca),
-                                       require_client_auth=True)  # fmt: skip
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=security.read(security.tls_ca), require_client_auth=True
+    )
 
 
 def channel_credentials(security: Security) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
-        root_certificates=security.read(security.tls_ca), private_key=security.read(security.tls_key),
+        root_certificates=security.read(security.tls_ca),
+        private_key=security.read(security.tls_key),
         certificate_chain=security.read(security.tls_cert),
-    )  # fmt: skip
+    )
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
@@ -168,18 +169,25 @@ def server_token_check(security: Security, public: bool) -> TokenCheck | None:
 
 
 class AddToken(
-    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
-):  # fmt: skip
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Sends `authorization: Bearer <token>` with every call of a blocking channel."""
 
     def __init__(self, token: str) -> None:
         self.token = token
 
     def _details(self, details):
-        return _ClientCallDetails(details.method, details.timeout,
-                                  list(details.metadata or ()) + [("authorization", f"Bearer {self.token}")],
-                                  details.credentials, details.wait_for_ready, details.compression)  # fmt: skip
+        return _ClientCallDetails(
+            details.method,
+            details.timeout,
+            list(details.metadata or ()) + [("authorization", f"Bearer {self.token}")],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)

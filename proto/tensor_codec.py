@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.proto import tensor_pb2
 
@@ -41,7 +40,9 @@ def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
     for d in shape:
         expected *= d
     if len(msg.data) != expected:
-        raise InvalidArgument(f"tensor of shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes, got {len(msg.data)}")
+        raise InvalidArgument(
+            f"tensor of shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes, got {len(msg.data)}"
+        )
     if not expected:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype).reshape(shape)

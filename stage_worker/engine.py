@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.batch import SeqChunk
-from stagemesh.models.runner import ModelRunner
 from stagemesh.models.requests import SampledToken, SamplingParams
+from stagemesh.models.runner import ModelRunner
 from stagemesh.models.sampling import sample
 
 

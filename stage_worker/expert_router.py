@@ -19,20 +19,19 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.models.tp import TPRank
 from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import channel
 from stagemesh.proto.tensor_codec import decode, encode
+from torch import nn
 
 RETRY_AFTER_SECONDS = 5.0  # a worker whose call failed is avoided this long (unless it is the only owner)
 
@@ -116,8 +115,12 @@ class RemoteExperts(nn.Module):
             mine = assignment == worker  # (T, K)
             rows = mine.any(dim=1).nonzero()[:, 0]  # tokens this worker gets
             worker_ids = torch.where(mine[rows], ids[rows], -1)
-            request = pb.ExpertRequest(layer=self.layer, hidden=encode(x[rows]), expert_ids=encode(worker_ids),
-                                       weights=encode(weights[rows].float()))  # fmt: skip
+            request = pb.ExpertRequest(
+                layer=self.layer,
+                hidden=encode(x[rows]),
+                expert_ids=encode(worker_ids),
+                weights=encode(weights[rows].float()),
+            )
             future = self.pool.stub(worker).Compute.future(request, timeout=self.pool.timeout)
             calls.append((worker, rows, worker_ids, future))
         out = torch.zeros_like(x)

@@ -13,7 +13,6 @@ import time
 
 import grpc
 import torch
-
 from stagemesh.errors import InvalidArgument, StagemeshError, Unavailable
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.requests import SampledToken, SamplingParams
@@ -160,19 +159,22 @@ def step_work(step: pb.Step, chunks: list[SeqChunk], is_first: bool) -> StepWork
         token_ids = torch.tensor(list(step.token_ids), dtype=torch.long)
     elif step.HasField("hidden"):
         hidden = decode(step.hidden)
-    sampling = tuple(
-        (seq_request(s).sampling, s.draw_index) for s in step.seqs if s.wants_token
-    )
+    sampling = tuple((seq_request(s).sampling, s.draw_index) for s in step.seqs if s.wants_token)
     return StepWork(step.step_id, tuple(chunks), token_ids, hidden, sampling)
 
 
 def resolved_step(step: pb.Step, chunks: list[SeqChunk]) -> pb.Step:
     """The step with every sequence's block table filled in: all a TP peer needs (it keeps no table)."""
     seqs = [
-        pb.SeqStep(seq_id=c.seq_id, start_pos=c.start_pos, num_tokens=c.num_tokens, block_table=c.block_table,
-                   wants_token=c.wants_logits)
+        pb.SeqStep(
+            seq_id=c.seq_id,
+            start_pos=c.start_pos,
+            num_tokens=c.num_tokens,
+            block_table=c.block_table,
+            wants_token=c.wants_logits,
+        )
         for c in chunks
-    ]  # fmt: skip
+    ]
     resolved = pb.Step(step_id=step.step_id, epoch=step.epoch, seqs=seqs, token_ids=step.token_ids)
     if step.HasField("hidden"):
         resolved.hidden.CopyFrom(step.hidden)
@@ -190,7 +192,11 @@ def peer_work(payload: bytes) -> StepWork:
 def token_messages(chunks: list[SeqChunk], tokens: list[SampledToken]) -> list[pb.SeqToken]:
     wanting = [c for c in chunks if c.wants_logits]
     return [
-        pb.SeqToken(seq_id=c.seq_id, token_id=t.token_id, logprob=t.logprob,
-                    top=[pb.TokenLogprob(token_id=i, logprob=lp) for i, lp in t.top_logprobs])
+        pb.SeqToken(
+            seq_id=c.seq_id,
+            token_id=t.token_id,
+            logprob=t.logprob,
+            top=[pb.TokenLogprob(token_id=i, logprob=lp) for i, lp in t.top_logprobs],
+        )
         for c, t in zip(wanting, tokens)
-    ]  # fmt: skip
+    ]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from stagemesh.models.tp import TPRank
 from stagemesh.stage_worker.shm_collectives import SUPPORTED, ShmCollectives
 
@@ -25,9 +24,13 @@ SHUTDOWN = b""  # broadcast to peers when the leader stops
 def create_store(host: str, port: int, world: int, timeout: float) -> dist.TCPStore:
     """The leader's rendezvous store; port 0 picks a free port (store.port tells which)."""
     return dist.TCPStore(
-        host, port, world_size=world, is_master=True, wait_for_workers=False,
+        host,
+        port,
+        world_size=world,
+        is_master=True,
+        wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout),
-    )  # fmt: skip
+    )
 
 
 class TPGroup:
@@ -35,14 +38,18 @@ class TPGroup:
         self.rank, self.size = rank, size
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout),
+            backend,
+            store=store,
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(seconds=timeout),
             device_id=device if device.type == "cuda" else None,
-        )  # fmt: skip
+        )
         self.store = store
         self.local = _shared_memory(rank, size, store) if device.type == "cpu" else None
 
     @classmethod
-    def join(cls, rank: int, size: int, rendezvous: str, device: torch.device, timeout: float) -> "TPGroup":
+    def join(cls, rank: int, size: int, rendezvous: str, device: torch.device, timeout: float) -> TPGroup:
         """A peer rank joins the group whose store lives at `rendezvous` (host:port)."""
         host, _, port = rendezvous.rpartition(":")
         store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-
 from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.models.engine import parse_dtype
@@ -137,7 +136,9 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         background.append(loop.run_in_executor(runtime.executor, runtime.follow_leader))
     code = 0
     try:
-        await run_service(f"stage-worker stage={assignment.stage} rank={assignment.tp_rank}", address, server, background)
+        await run_service(
+            f"stage-worker stage={assignment.stage} rank={assignment.tp_rank}", address, server, background
+        )
     except StagemeshError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -175,10 +176,15 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
 
 async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
     model = runtime.engine.runner.model
-    await client.call("ReportReady", cpb.ReadyRequest(
-        worker_id=assignment.worker_id, kv_blocks=runtime.num_blocks,
-        param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-        kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype)))  # fmt: skip
+    await client.call(
+        "ReportReady",
+        cpb.ReadyRequest(
+            worker_id=assignment.worker_id,
+            kv_blocks=runtime.num_blocks,
+            param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
+        ),
+    )
 
 
 def _remote_experts(plan, runtime: StageRuntime, tp: TPRank):
@@ -194,8 +200,9 @@ async def _join_group(client: CoordinatorClient, assignment, advertise: str, opt
     rank, size = assignment.tp_rank, assignment.plan.tp
     if rank == 0:
         store = create_store(opts.host, opts.dist_port, size, opts.group_timeout)
-        await client.call("SetRendezvous", cpb.RendezvousRequest(worker_id=assignment.worker_id,
-                                                                  address=f"{advertise}:{store.port}"))
+        await client.call(
+            "SetRendezvous", cpb.RendezvousRequest(worker_id=assignment.worker_id, address=f"{advertise}:{store.port}")
+        )
         return await loop.run_in_executor(None, TPGroup, rank, size, device, store, opts.group_timeout)
     return await loop.run_in_executor(None, TPGroup.join, rank, size, assignment.rendezvous, device, opts.group_timeout)
 

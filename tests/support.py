@@ -32,10 +32,14 @@ def hf_logits(model, prompt: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def free_port() -> int:
@@ -57,7 +61,10 @@ def run_ranks(script: str, world: int, args: list[str], timeout: float = 120) ->
     procs = [
         subprocess.Popen(
             [sys.executable, str(HELPERS / script), str(rank), str(world), str(store.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
         )
         for rank in range(world)
     ]
@@ -81,10 +88,22 @@ class MeshProcess:
     def __init__(self, model_dir: str, *args: str, timeout: float = 120) -> None:
         import psutil
 
-        self.argv = [sys.executable, "-m", "stagemesh.cli", "up", "--model", model_dir, "--threads", "1",
-                     "--kv-memory", "8MiB", *args]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=child_env())
+        self.argv = [
+            sys.executable,
+            "-m",
+            "stagemesh.cli",
+            "up",
+            "--model",
+            model_dir,
+            "--threads",
+            "1",
+            "--kv-memory",
+            "8MiB",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+        )
         self.stderr_lines: list[str] = []
         import threading
 
@@ -138,7 +157,6 @@ def stream_broken_by(gateway: str, victim, max_tokens: int = 500):
 
     import grpc
     import pytest
-
     from stagemesh.gateway.client import Client, GatewayError, GenerationParams
 
     with Client(gateway, timeout=60) as client:
@@ -157,7 +175,6 @@ def stream_broken_by(gateway: str, victim, max_tokens: int = 500):
 def new_requests_unavailable(gateway: str) -> bool:
     """A fresh request after a failure is refused with UNAVAILABLE (with the reason), without hanging."""
     import grpc
-
     from stagemesh.gateway.client import Client, GatewayError, GenerationParams
 
     with Client(gateway, timeout=60) as client:

@@ -15,9 +15,20 @@ from stagemesh.benchmarks.plots import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
-    "decode_vs_hf", "decode_roofline", "mesh_decode", "ttft", "mixed_throughput", "tp_latency", "pp_throughput",
-    "stage_hop", "param_bytes", "load_rss", "moe_decode", "expert_ffn", "tp_dispatch",
-}  # fmt: skip
+    "decode_vs_hf",
+    "decode_roofline",
+    "mesh_decode",
+    "ttft",
+    "mixed_throughput",
+    "tp_latency",
+    "pp_throughput",
+    "stage_hop",
+    "param_bytes",
+    "load_rss",
+    "moe_decode",
+    "expert_ffn",
+    "tp_dispatch",
+}
 
 
 def _finite(x) -> bool:
@@ -51,8 +62,20 @@ def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
 
 def test_gpu_check_flow_runs_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--shape", "tiny", "--device", "cpu", "--tokens", "3",
-           "--prompt", "8", "--reps", "1"]  # fmt: skip
+    cmd = [
+        "bash",
+        str(ROOT / "benchmarks" / "gpu_check.sh"),
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--tokens",
+        "3",
+        "--prompt",
+        "8",
+        "--reps",
+        "1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from support import hf_greedy, hf_model
-
 from stagemesh.cli import main
+from support import hf_greedy, hf_model
 
 
 def run(*args: str):
@@ -19,10 +18,25 @@ def run(*args: str):
 
 def test_make_checkpoint_writes_a_transformers_checkpoint(tmp_path):
     out = tmp_path / "m"
-    result = run("make-checkpoint", "--arch", "mixtral", "--preset", "tiny", "--out", str(out), "--shards", "3",
-                 "--dtype", "bfloat16", "--seed", "4")
+    result = run(
+        "make-checkpoint",
+        "--arch",
+        "mixtral",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--shards",
+        "3",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "4",
+    )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
     model = hf_model(str(out), torch.bfloat16)
@@ -36,8 +50,19 @@ def test_make_checkpoint_writes_a_transformers_checkpoint(tmp_path):
 
 def test_generate_json_matches_transformers(checkpoint):
     path = checkpoint("qwen2")
-    result = run("generate", "--model", path, "--prompt-ids", "5,9,23,42", "--max-tokens", "12", "--ignore-eos",
-                 "--dtype", "float64", "--json")
+    result = run(
+        "generate",
+        "--model",
+        path,
+        "--prompt-ids",
+        "5,9,23,42",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--dtype",
+        "float64",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["token_ids"] == hf_greedy(hf_model(path), [5, 9, 23, 42], 12)
@@ -51,8 +76,22 @@ def test_generate_text_streams(checkpoint):
 
 
 def test_generate_sampled_is_seeded(checkpoint):
-    args = ["generate", "--model", checkpoint("llama"), "--prompt", "Hello", "--max-tokens", "8", "--json",
-            "--temperature", "1.0", "--top-k", "50", "--seed", "3"]
+    args = [
+        "generate",
+        "--model",
+        checkpoint("llama"),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--seed",
+        "3",
+    ]
     assert json.loads(run(*args).output)["token_ids"] == json.loads(run(*args).output)["token_ids"]
 
 

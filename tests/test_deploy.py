@@ -17,8 +17,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from support import _readline, child_env, free_port
-
 from stagemesh.cli import main
 from stagemesh.deploy.cluster import (
     EXPERT,
@@ -32,6 +30,7 @@ from stagemesh.deploy.cluster import (
 )
 from stagemesh.deploy.compose import render, stale_files
 from stagemesh.errors import InvalidArgument
+from support import _readline, child_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -47,9 +46,14 @@ def parse_command(argv: list[str]) -> click.Context:
 
 
 def minimal(**overrides) -> dict:
-    raw = {"model": {"path": "/models/m", "dtype": "float32"}, "parallel": {"tp": 2, "pp": 2},
-           "hosts": [{"name": "a", "address": "10.0.0.1", "devices": ["cuda:0", "cuda:1"]},
-                     {"name": "b", "address": "10.0.0.2", "devices": ["cuda:0", "cuda:1"]}]}  # fmt: skip
+    raw = {
+        "model": {"path": "/models/m", "dtype": "float32"},
+        "parallel": {"tp": 2, "pp": 2},
+        "hosts": [
+            {"name": "a", "address": "10.0.0.1", "devices": ["cuda:0", "cuda:1"]},
+            {"name": "b", "address": "10.0.0.2", "devices": ["cuda:0", "cuda:1"]},
+        ],
+    }
     raw.update(overrides)
     return raw
 
@@ -59,7 +63,10 @@ def minimal(**overrides) -> dict:
 
 def test_examples_parse_and_place_every_worker():
     assert [p.relative_to(DEPLOY).as_posix() for p in DESCRIPTIONS] == [
-        "cluster.yaml", "llama-70b-two-hosts/cluster.yaml", "mixtral-two-hosts/cluster.yaml"]  # fmt: skip
+        "cluster.yaml",
+        "llama-70b-two-hosts/cluster.yaml",
+        "mixtral-two-hosts/cluster.yaml",
+    ]
     llama = load_cluster(DEPLOY / "llama-70b-two-hosts" / "cluster.yaml")
     where = [(p.role, p.index, p.rank, p.host.name, p.device, p.port) for p in placements(llama)]
     assert where == [(STAGE, s, r, f"gpu{s + 1}", f"cuda:{r}", 50100 + 4 * s + r) for s in range(2) for r in range(4)]
@@ -71,8 +78,14 @@ def test_examples_parse_and_place_every_worker():
 def test_services_carry_the_flags_of_their_role():
     cluster = parse_cluster(minimal(env={"NCCL_DEBUG": "WARN"}, workers={"threads": 3}))
     by_name = {s.name: s for s in services(cluster)}
-    assert list(by_name) == ["coordinator", "gateway", "stage-0-rank-0", "stage-0-rank-1", "stage-1-rank-0",
-                             "stage-1-rank-1"]  # fmt: skip
+    assert list(by_name) == [
+        "coordinator",
+        "gateway",
+        "stage-0-rank-0",
+        "stage-0-rank-1",
+        "stage-1-rank-0",
+        "stage-1-rank-1",
+    ]
     leader = parse_command(list(by_name["stage-1-rank-0"].argv)).params
     assert leader["coordinator"] == "10.0.0.1:50050" and leader["advertise"] == "10.0.0.2"
     assert (leader["stage"], leader["tp_rank"], leader["port"], leader["dist_port"]) == (1, 0, 50102, 29501)
@@ -104,12 +117,16 @@ def test_localize_puts_every_host_here_and_numbers_the_gpus_in_order():
         ({"coordinator": {"host": "c"}}, "coordinator.host 'c' is not one of the hosts (a, b)"),
         ({"workers": {"port": 50049}}, "coordinator.port (50050) and workers.port (50049-50052) overlap"),
         ({"gateway": {"metrics_port": 29501}}, "workers.dist_port (29500-29501) and gateway.metrics_port (29501)"),
-        ({"hosts": [{"name": "a", "address": "x", "devices": ["cuda:0", "cuda:0", "cpu", "cpu"]}]},
-         "lists a GPU twice"),
+        (
+            {"hosts": [{"name": "a", "address": "x", "devices": ["cuda:0", "cuda:0", "cpu", "cpu"]}]},
+            "lists a GPU twice",
+        ),
         ({"hosts": [{"name": "a", "address": "x", "devices": ["gpu0"] * 4}]}, "device 'gpu0': write cpu or cuda:N"),
         ({"hosts": [{"name": "A", "address": "x", "devices": ["cpu"] * 4}]}, "host name 'A'"),
-        ({"hosts": [{"name": "a", "address": "x", "devices": ["cpu"] * 4}, {"name": "b", "address": "y"}]},
-         "host 'b' would run no service"),
+        (
+            {"hosts": [{"name": "a", "address": "x", "devices": ["cpu"] * 4}, {"name": "b", "address": "y"}]},
+            "host 'b' would run no service",
+        ),
         ({"env": {"NCCL DEBUG": "1"}}, "'NCCL DEBUG' is not an environment variable name"),
     ],
 )
@@ -155,8 +172,11 @@ def security_environment_of(cluster, name: str) -> dict[str, str]:
     env = {"STAGEMESH_CLUSTER_TOKEN": ""} | ({"STAGEMESH_CLIENT_TOKEN": ""} if name == "gateway" else {})
     if cluster.security.tls_dir:
         cert = name if name in ("coordinator", "gateway") else "worker"
-        env |= {"STAGEMESH_TLS_CERT": f"/certs/{cert}.crt", "STAGEMESH_TLS_KEY": f"/certs/{cert}.key",
-                "STAGEMESH_TLS_CA": "/certs/ca.crt"}  # fmt: skip
+        env |= {
+            "STAGEMESH_TLS_CERT": f"/certs/{cert}.crt",
+            "STAGEMESH_TLS_KEY": f"/certs/{cert}.key",
+            "STAGEMESH_TLS_CA": "/certs/ca.crt",
+        }
     return env
 
 
@@ -185,8 +205,10 @@ def test_compose_file_validates_and_runs_the_descriptions_commands(path):
         assert check[3] == f"{cluster.host(host).address}:{expected[name].port}"
         assert service["network_mode"] == "host" and service["restart"] == cluster.compose.restart
         certs = [f"{cluster.security.tls_dir}:/certs:ro"] if cluster.security.tls_dir else []
-        assert [v.replace(str(path.parent.resolve()), ".") for v in service["volumes"]] == \
-            [f"{cluster.compose.models_dir}:/models:ro", *certs]
+        assert [v.replace(str(path.parent.resolve()), ".") for v in service["volumes"]] == [
+            f"{cluster.compose.models_dir}:/models:ro",
+            *certs,
+        ]
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         gpu = expected[name].gpu
         assert [d["device_ids"] for d in devices] == ([[str(gpu)]] if gpu is not None else [])
@@ -240,16 +262,25 @@ def test_up_config_serves_the_reference_tokens(checkpoint, tmp_path):
     """Two described hosts (stage 0 on one, stage 1 on the other) run here as one mesh."""
     model = checkpoint("llama")
     raw = minimal(
-        model={"path": model, "dtype": "float64"}, parallel={"tp": 1, "pp": 2},
-        hosts=[{"name": "a", "address": "192.0.2.1", "devices": ["cpu"]},
-               {"name": "b", "address": "192.0.2.2", "devices": ["cpu"]}],
-        coordinator={"port": free_port()}, gateway={"port": free_port(), "host": "b"},
+        model={"path": model, "dtype": "float64"},
+        parallel={"tp": 1, "pp": 2},
+        hosts=[
+            {"name": "a", "address": "192.0.2.1", "devices": ["cpu"]},
+            {"name": "b", "address": "192.0.2.2", "devices": ["cpu"]},
+        ],
+        coordinator={"port": free_port()},
+        gateway={"port": free_port(), "host": "b"},
         workers={"port": free_ports(2), "dist_port": free_ports(2), "threads": 1, "kv_memory": "8MiB"},
-    )  # fmt: skip
+    )
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "stagemesh.cli", "up", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stagemesh.cli", "up", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     errors: list[str] = []
     threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
     try:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import PROMPTS, hf_greedy, hf_logits, hf_model
-
 from stagemesh.models.engine import ReferenceEngine
 from stagemesh.models.requests import GenerationRequest
+from support import PROMPTS, hf_greedy, hf_logits, hf_model
 
 ARCHS = ["llama", "qwen2", "mistral", "mixtral"]
 
@@ -36,12 +35,26 @@ def test_transformers_saved_checkpoint_matches(tmp_path, arch):
     """Checkpoints written by transformers' own save_pretrained, not by our tool (HF 5 config layout)."""
     import transformers
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )
     configs = {
-        "llama": transformers.LlamaConfig(**common, rope_scaling={
-            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32}),
+        "llama": transformers.LlamaConfig(
+            **common,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
         "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=True),
         "mistral": transformers.MistralConfig(**common, sliding_window=16),
         "mixtral": transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),

@@ -10,8 +10,6 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from support import PROMPTS, MeshProcess, stream_broken_by
-
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import expert_imbalance, status_dict
@@ -22,6 +20,7 @@ from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc
 from stagemesh.proto.rpc import channel
 from stagemesh.proto.tensor_codec import encode
+from support import PROMPTS, MeshProcess, stream_broken_by
 
 LAYOUTS = {  # (tp, pp, ep)
     "tp1-pp1-ep1": ("1", "1", "1"),
@@ -35,8 +34,9 @@ MOE_PROMPTS = PROMPTS + [[11, 400, 3], list(range(100, 160))]
 @pytest.fixture(scope="session", params=list(LAYOUTS))
 def mixtral_mesh(request, checkpoint):
     tp, pp, ep = LAYOUTS[request.param]
-    mesh = MeshProcess(checkpoint("mixtral"), "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float64",
-                       "--max-step-tokens", "32")  # fmt: skip
+    mesh = MeshProcess(
+        checkpoint("mixtral"), "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float64", "--max-step-tokens", "32"
+    )
     yield mesh
     assert mesh.stop() == 0
 
@@ -44,7 +44,8 @@ def mixtral_mesh(request, checkpoint):
 async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     async with AsyncClient(address, timeout=300) as client:
         results = await asyncio.gather(
-            *(client.generate(GenerationParams(p, max_tokens=max_tokens, ignore_eos=True)) for p in prompts))
+            *(client.generate(GenerationParams(p, max_tokens=max_tokens, ignore_eos=True)) for p in prompts)
+        )
     return [r.token_ids for r in results]
 
 
@@ -80,8 +81,10 @@ def test_expert_load_is_counted_and_shown(mixtral_mesh):
     tokens = sum(t for l in load for t in l["tokens"])
     assert tokens > 0 and expert_imbalance(load) >= 1.0
     assert {l["layer"] for l in load} == {0, 1, 2, 3}
-    result = CliRunner().invoke(__import__("stagemesh.coordinator.cli", fromlist=["main"]).main,
-                                ["status", "--coordinator", mixtral_mesh.coordinator])  # fmt: skip
+    result = CliRunner().invoke(
+        __import__("stagemesh.coordinator.cli", fromlist=["main"]).main,
+        ["status", "--coordinator", mixtral_mesh.coordinator],
+    )
     assert "expert load imbalance (max / mean tokens per expert)" in result.output
 
 
@@ -100,22 +103,30 @@ def _expert_address(mesh, index: int) -> str:
 @pytest.mark.parametrize(
     "hidden,ids,message",
     [
-        (torch.randn(2, 64, dtype=torch.float64), [[0, 4], [1, -1]], "expert 4 is not held by this worker (it holds 0,1,2,6,7)"),
+        (
+            torch.randn(2, 64, dtype=torch.float64),
+            [[0, 4], [1, -1]],
+            "expert 4 is not held by this worker (it holds 0,1,2,6,7)",
+        ),
         (torch.randn(2, 32, dtype=torch.float64), [[0, -1], [1, -1]], "hidden states must be (tokens, 64)"),
         (torch.randn(2, 64, dtype=torch.float32), [[0, -1], [1, -1]], "hidden states must be float64"),
     ],
 )
 def test_bad_dispatch_is_invalid_argument_and_the_worker_keeps_serving(replicated, hidden, ids, message):
-    request = pb.ExpertRequest(layer=0, hidden=encode(hidden), expert_ids=encode(torch.tensor(ids)),
-                               weights=encode(torch.full((2, 2), 0.5)))  # fmt: skip
+    request = pb.ExpertRequest(
+        layer=0, hidden=encode(hidden), expert_ids=encode(torch.tensor(ids)), weights=encode(torch.full((2, 2), 0.5))
+    )
     with channel(_expert_address(replicated, 0)) as ch:  # all=2 over ep=3: worker 0 holds 0,1,2 and copies of 6,7
         stub = expert_pb2_grpc.ExpertsStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.Compute(request, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
-        good = pb.ExpertRequest(layer=0, hidden=encode(torch.randn(2, 64, dtype=torch.float64)),
-                                expert_ids=encode(torch.tensor([[0, 1], [2, -1]])),
-                                weights=encode(torch.full((2, 2), 0.5)))  # fmt: skip
+        good = pb.ExpertRequest(
+            layer=0,
+            hidden=encode(torch.randn(2, 64, dtype=torch.float64)),
+            expert_ids=encode(torch.tensor([[0, 1], [2, -1]])),
+            weights=encode(torch.full((2, 2), 0.5)),
+        )
         assert list(stub.Compute(good, timeout=30).output.shape) == [2, 64]
 
 
@@ -138,8 +149,9 @@ def test_killing_a_replica_mid_stream_loses_nothing(replicated, hf_reference):
     for prompt, tokens in zip(prompts, asyncio.run(run())):
         assert tokens == hf_reference("mixtral", prompt, 150)
     with Client(replicated.gateway, timeout=60) as client:  # and new requests keep working
-        assert client.generate(GenerationParams(prompts[0], max_tokens=10, ignore_eos=True)).token_ids == \
-            hf_reference("mixtral", prompts[0], 10)
+        assert client.generate(GenerationParams(prompts[0], max_tokens=10, ignore_eos=True)).token_ids == hf_reference(
+            "mixtral", prompts[0], 10
+        )
 
 
 def test_a_dead_expert_without_replica_fails_steps_with_unavailable(checkpoint):

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from stagemesh.errors import CheckpointError
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.loader import build_model
@@ -73,7 +72,9 @@ def test_no_weights(checkpoint, tmp_path):
 def test_pickle_weights_refused(checkpoint, tmp_path):
     d = _copy(checkpoint("llama"), tmp_path / "m")
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pickled weights \\(pytorch_model.bin\\); stagemesh loads safetensors only"):
+    with pytest.raises(
+        CheckpointError, match="pickled weights \\(pytorch_model.bin\\); stagemesh loads safetensors only"
+    ):
         build_model(d)
 
 
@@ -91,7 +92,10 @@ def test_wrong_shape(checkpoint, tmp_path):
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(32, 64)
     save_file(tensors, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'model.layers.1.self_attn.q_proj.weight' has shape \[32, 64\] in the checkpoint; config.json implies \[64, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.layers.1.self_attn.q_proj.weight' has shape \[32, 64\] in the checkpoint; config.json implies \[64, 64\]",
+    ):
         build_model(d)
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from support import PROMPTS
-
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.gateway.client import AsyncClient, GenerationParams
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import ParallelPlan
+from support import PROMPTS
 
 MORE_PROMPTS = PROMPTS + [[11, 400, 3], [9] * 30, list(range(100, 160))]  # 41 and 60 tokens: chunked prefill
 
@@ -53,8 +52,13 @@ def test_generate_cli_against_the_mesh_matches_the_reference(llama_mesh, checkpo
     common = ["--prompt", "Hello world", "--max-tokens", "12", "--ignore-eos", "--json"]
 
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", "stagemesh.cli", "generate", *args, *common],
-                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "stagemesh.cli", "generate", *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         return json.loads(out.stdout)
 
     assert run("--gateway", llama_mesh.gateway) == run("--model", checkpoint("llama"), "--dtype", "float64")

@@ -10,8 +10,6 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from support import MeshProcess, child_env, free_port, new_requests_unavailable, stream_broken_by
-
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.gateway.client import Client, GenerationParams
@@ -19,15 +17,27 @@ from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc
 from stagemesh.proto.rpc import channel
 from stagemesh.proto.tensor_codec import encode
+from support import MeshProcess, child_env, free_port, new_requests_unavailable, stream_broken_by
 
 
 def test_unreachable_coordinator_is_a_clear_error_without_hang():
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "stagemesh.cli", "stage-worker", "--coordinator", f"127.0.0.1:{free_port()}",
-         "--connect-timeout", "2"],
-        capture_output=True, text=True, timeout=60, env=child_env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "stagemesh.cli",
+            "stage-worker",
+            "--coordinator",
+            f"127.0.0.1:{free_port()}",
+            "--connect-timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert proc.returncode != 0
     assert "is unreachable" in proc.stderr
     assert time.monotonic() - start < 30
@@ -72,8 +82,14 @@ def _forward(address: str, steps: list[pb.Step]) -> list[pb.StepResult]:
 
 
 def _seq(seq_id: int, start: int, n: int, block: int) -> pb.SeqStep:
-    return pb.SeqStep(seq_id=seq_id, start_pos=start, num_tokens=n, block_table=[block], wants_token=True,
-                      sampling=pb.SamplingParams(top_p=1.0))  # fmt: skip
+    return pb.SeqStep(
+        seq_id=seq_id,
+        start_pos=start,
+        num_tokens=n,
+        block_table=[block],
+        wants_token=True,
+        sampling=pb.SamplingParams(top_p=1.0),
+    )
 
 
 @pytest.mark.parametrize(

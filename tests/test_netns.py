@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from support import child_env
-
 from stagemesh.deploy.certs import make_certs
 from stagemesh.deploy.cluster import Cluster, Service, parse_cluster, services, tls_environment
+from support import child_env
 
 SUBNET = "10.123.0"
 IFNAME = "sm0"  # every host namespace names its interface the same, so one GLOO_SOCKET_IFNAME fits all
@@ -79,17 +78,21 @@ def _delete(ns: Namespaces) -> None:
 
 def description(model: str, certs: str) -> Cluster:
     """Coordinator and gateway on host a, stage 0's two TP ranks on b, stage 1's on c; mutual TLS between all."""
-    return parse_cluster({
-        "model": {"path": model, "dtype": "float64"},
-        "parallel": {"tp": 2, "pp": 2},
-        "hosts": [{"name": "a", "address": HOSTS["a"], "devices": []},
-                  {"name": "b", "address": HOSTS["b"], "devices": ["cpu", "cpu"]},
-                  {"name": "c", "address": HOSTS["c"], "devices": ["cpu", "cpu"]}],
-        "workers": {"threads": 1, "kv_memory": "8MiB"},
-        "env": {"GLOO_SOCKET_IFNAME": IFNAME, "NCCL_SOCKET_IFNAME": IFNAME},
-        "bind": "0.0.0.0",  # beyond loopback: allowed because TLS protects it
-        "security": {"tls_dir": certs},
-    })  # fmt: skip
+    return parse_cluster(
+        {
+            "model": {"path": model, "dtype": "float64"},
+            "parallel": {"tp": 2, "pp": 2},
+            "hosts": [
+                {"name": "a", "address": HOSTS["a"], "devices": []},
+                {"name": "b", "address": HOSTS["b"], "devices": ["cpu", "cpu"]},
+                {"name": "c", "address": HOSTS["c"], "devices": ["cpu", "cpu"]},
+            ],
+            "workers": {"threads": 1, "kv_memory": "8MiB"},
+            "env": {"GLOO_SOCKET_IFNAME": IFNAME, "NCCL_SOCKET_IFNAME": IFNAME},
+            "bind": "0.0.0.0",  # beyond loopback: allowed because TLS protects it
+            "security": {"tls_dir": certs},
+        }
+    )
 
 
 def start(ns: Namespaces, service: Service, stack: ExitStack, logs) -> subprocess.Popen:
@@ -139,15 +142,28 @@ def test_mesh_across_three_hosts_equals_the_reference(checkpoint, tmp_path):
         procs = {s.name: start(ns, s, stack, logs) for s in services(cluster)}
         gateway = f"{HOSTS['a']}:{cluster.gateway.port}"
         wait_serving(ns, gateway, procs, log_path, timeout=90)
-        status = json.loads(in_host(ns, "a", "coordctl", "status", "--coordinator", cluster.coordinator_address,
-                                    "--json").stdout)  # fmt: skip
+        status = json.loads(
+            in_host(ns, "a", "coordctl", "status", "--coordinator", cluster.coordinator_address, "--json").stdout
+        )
         assert status["serving"]
         hosts = {(w["stage"], w["tp_rank"]): w["address"].split(":")[0] for w in status["workers"]}
         assert hosts == {(0, 0): HOSTS["b"], (0, 1): HOSTS["b"], (1, 0): HOSTS["c"], (1, 1): HOSTS["c"]}
         prompts = [[5, 9, 23, 42, 7], list(range(3, 40))]
         for prompt, expected in zip(prompts, reference(model, prompts, 12)):
-            out = in_host(ns, "a", "stagemesh", "generate", "--gateway", gateway, "--prompt-ids",
-                          ",".join(map(str, prompt)), "--max-tokens", "12", "--ignore-eos", "--json")  # fmt: skip
+            out = in_host(
+                ns,
+                "a",
+                "stagemesh",
+                "generate",
+                "--gateway",
+                gateway,
+                "--prompt-ids",
+                ",".join(map(str, prompt)),
+                "--max-tokens",
+                "12",
+                "--ignore-eos",
+                "--json",
+            )
             assert out.returncode == 0, out.stderr + log_path.read_text()[-4000:]
             assert json.loads(out.stdout)["token_ids"] == expected
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from stagemesh.errors import PlanError
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import ParallelPlan, kv_head_range, place_experts
@@ -35,11 +34,21 @@ def test_balanced_split_gives_the_head_stage_fewer_layers():
     "config,kwargs,message",
     [
         (LLAMA, dict(tp=3), "num_attention_heads=4 is not divisible by tp=3"),
-        (dataclasses.replace(LLAMA, num_attention_heads=6, num_key_value_heads=6), dict(tp=4),
-         "num_attention_heads=6 is not divisible by tp=4"),
-        (dataclasses.replace(LLAMA, num_attention_heads=12, num_key_value_heads=3), dict(tp=4),
-         "tp=4 is not a multiple of num_key_value_heads=3"),
-        (dataclasses.replace(LLAMA, intermediate_size=130), dict(tp=4), "intermediate_size=130 is not divisible by tp=4"),
+        (
+            dataclasses.replace(LLAMA, num_attention_heads=6, num_key_value_heads=6),
+            dict(tp=4),
+            "num_attention_heads=6 is not divisible by tp=4",
+        ),
+        (
+            dataclasses.replace(LLAMA, num_attention_heads=12, num_key_value_heads=3),
+            dict(tp=4),
+            "tp=4 is not a multiple of num_key_value_heads=3",
+        ),
+        (
+            dataclasses.replace(LLAMA, intermediate_size=130),
+            dict(tp=4),
+            "intermediate_size=130 is not divisible by tp=4",
+        ),
         (LLAMA, dict(pp=5), "pp=5 exceeds num_hidden_layers=4"),
         (LLAMA, dict(ep=2), "ep=2 needs a mixture-of-experts checkpoint"),
         (MIXTRAL, dict(ep=9), "ep=9 exceeds num_local_experts=8"),

@@ -9,7 +9,6 @@ import math
 
 import pytest
 from click.testing import CliRunner
-
 from stagemesh.coordinator.cli import main as coordctl
 from stagemesh.coordinator.model_presets import GPT3_175B, preset, resolve_model
 from stagemesh.coordinator.model_shape import ModelShape, shard
@@ -38,10 +37,17 @@ def gpt_layer(h: int) -> int:
 # ---- parameter counts ----
 
 
-@pytest.mark.parametrize("name,params", [
-    ("Llama-2-7B", 6_738_415_616), ("Llama-2-13B", 13_015_864_320), ("Llama-2-70B", 68_976_648_192),
-    ("Llama-3-405B", 405_853_388_800), ("Mixtral-8x7B", 46_702_792_704), ("Mixtral-8x22B", 140_630_071_296),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("Llama-2-7B", 6_738_415_616),
+        ("Llama-2-13B", 13_015_864_320),
+        ("Llama-2-70B", 68_976_648_192),
+        ("Llama-3-405B", 405_853_388_800),
+        ("Mixtral-8x7B", 46_702_792_704),
+        ("Mixtral-8x22B", 140_630_071_296),
+    ],
+)
 def test_presets_hold_their_published_parameter_counts(name, params):
     assert preset(name).total_params == params
 
@@ -57,8 +63,18 @@ def test_gpt_formula_matches_transformers():
 
     config = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=500, n_positions=96)
     model = GPT2LMHeadModel(config)
-    shape = dataclasses.replace(GPT3_175B, name="gpt2-mini", layers=3, hidden=64, heads=4, kv_heads=4, head_dim=16,
-                                intermediate=256, vocab=500, max_context=96)  # fmt: skip
+    shape = dataclasses.replace(
+        GPT3_175B,
+        name="gpt2-mini",
+        layers=3,
+        hidden=64,
+        heads=4,
+        kv_heads=4,
+        head_dim=16,
+        intermediate=256,
+        vocab=500,
+        max_context=96,
+    )
     assert shape.total_params == sum(p.numel() for p in model.parameters())
 
 
@@ -117,8 +133,9 @@ def test_405b_on_16_gpus_keeps_tp_inside_a_node():
     tp16 = layout(wide, 16, 1)  # estimated now: its 252 all-reduces cross the network
     assert tp16["breakdown"]["tp"] > tp16["breakdown"]["weights"]
     assert tp16["latency_s"] > layout(wide, 8, 2)["latency_s"]
-    slower = run_plan("--model", "405B", "--gpus", "16", "--gpu-memory", "80GB", "--allow-cross-node-tp",
-                      "--inter-bw", "10GB/s")  # fmt: skip
+    slower = run_plan(
+        "--model", "405B", "--gpus", "16", "--gpu-memory", "80GB", "--allow-cross-node-tp", "--inter-bw", "10GB/s"
+    )
     assert layout(slower, 16, 1)["latency_s"] > tp16["latency_s"]
     assert layout(slower, 8, 2)["latency_s"] == pytest.approx(layout(wide, 8, 2)["latency_s"], rel=1e-3)
 
@@ -179,8 +196,9 @@ def test_micro_batches_fill_the_pipeline_and_kv_caps_the_batch():
 
 def test_the_objective_picks_the_recommendation():
     for objective, key in (("latency", "latency_s"), ("throughput", "throughput")):
-        report = run_plan("--model", "Mixtral-8x22B", "--gpus", "8", "--gpu-memory", "80GB", "--batch", "48",
-                          "--optimize", objective)  # fmt: skip
+        report = run_plan(
+            "--model", "Mixtral-8x22B", "--gpus", "8", "--gpu-memory", "80GB", "--batch", "48", "--optimize", objective
+        )
         best = (min if objective == "latency" else max)(e[key] for e in report["layouts"])
         assert report["recommended"][key] == best and report["objective"] == objective
 
@@ -191,17 +209,23 @@ def test_table_output_names_the_recommendation_and_the_refusals():
     assert "recommended: tp=8 pp=2" in result.output and "cannot run tp=16 pp=1" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "Llama-9-1T", "--gpus", "8", "--gpu-memory", "80GB"], "unknown model 'Llama-9-1T'"),
-    (["--model", "70B", "--gpus", "8", "--gpu-memory", "80 gigs"], "--gpu-memory '80 gigs' does not parse"),
-    (["--model", "70B", "--gpus", "8", "--gpu-memory", "80GB", "--hbm-bandwidth", "fast"], "--hbm-bandwidth 'fast'"),
-    (["--model", "70B", "--gpus", "8", "--gpu-memory", "80GB", "--inter-bw", "100GB"], "--inter-bw '100GB'"),
-    (["--model", "70B", "--gpus", "0", "--gpu-memory", "80GB"], "--gpus must be at least 1"),
-    (["--model", "GPT-3-175B", "--gpus", "97", "--gpu-memory", "80GB"], "no layout of GPT-3-175B can use 97 GPU"),
-    (["--model", "70B", "--gpus", "1", "--gpu-memory", "80GB"], "needs 140.00 GB of weights > 72.00 GB usable"),
-    (["--model", "GPT-3-175B", "--gpus", "8", "--gpu-memory", "80GB", "--context", "4096"], "--context 4096"),
-    (["--model", "70B", "--gpus", "8"], "--gpu-memory"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "Llama-9-1T", "--gpus", "8", "--gpu-memory", "80GB"], "unknown model 'Llama-9-1T'"),
+        (["--model", "70B", "--gpus", "8", "--gpu-memory", "80 gigs"], "--gpu-memory '80 gigs' does not parse"),
+        (
+            ["--model", "70B", "--gpus", "8", "--gpu-memory", "80GB", "--hbm-bandwidth", "fast"],
+            "--hbm-bandwidth 'fast'",
+        ),
+        (["--model", "70B", "--gpus", "8", "--gpu-memory", "80GB", "--inter-bw", "100GB"], "--inter-bw '100GB'"),
+        (["--model", "70B", "--gpus", "0", "--gpu-memory", "80GB"], "--gpus must be at least 1"),
+        (["--model", "GPT-3-175B", "--gpus", "97", "--gpu-memory", "80GB"], "no layout of GPT-3-175B can use 97 GPU"),
+        (["--model", "70B", "--gpus", "1", "--gpu-memory", "80GB"], "needs 140.00 GB of weights > 72.00 GB usable"),
+        (["--model", "GPT-3-175B", "--gpus", "8", "--gpu-memory", "80GB", "--context", "4096"], "--context 4096"),
+        (["--model", "70B", "--gpus", "8"], "--gpu-memory"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = CliRunner().invoke(coordctl, ["plan", *args])
     assert result.exit_code == 2
@@ -210,14 +234,20 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
 
 def test_a_checkpoint_directory_is_read_from_its_config(checkpoint):
     shape = resolve_model(checkpoint("qwen2"))
-    assert shape.config is not None and shape.tied and shape.total_params == ParallelPlan.build(
-        shape.config).stage_param_count(shape.config, 0, 0)
+    assert (
+        shape.config is not None
+        and shape.tied
+        and shape.total_params == ParallelPlan.build(shape.config).stage_param_count(shape.config, 0, 0)
+    )
 
 
 # ---- against a running mesh ----
 
-MESHES = {"llama tp1 pp2": ("llama", "1", "2", "0"), "llama tp2 pp2": ("llama", "2", "2", "0"),
-          "mixtral tp1 pp2 ep2": ("mixtral", "1", "2", "2")}  # fmt: skip
+MESHES = {
+    "llama tp1 pp2": ("llama", "1", "2", "0"),
+    "llama tp2 pp2": ("llama", "2", "2", "0"),
+    "mixtral tp1 pp2 ep2": ("mixtral", "1", "2", "2"),
+}
 
 
 @pytest.fixture(scope="module", params=list(MESHES))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.proto import build, tensor_pb2
 from stagemesh.proto.tensor_codec import decode, encode

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.engine import ReferenceEngine
 from stagemesh.models.requests import GenerationRequest, SamplingParams
@@ -32,7 +31,10 @@ def test_same_seed_same_tokens_alone_or_batched():
 
 def test_top_k_and_top_p_narrow_to_greedy():
     greedy = LOGITS.argmax(-1).tolist()
-    for params in (SamplingParams(temperature=1.0, top_k=1, seed=5), SamplingParams(temperature=1.0, top_p=1e-6, seed=5)):
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1, seed=5),
+        SamplingParams(temperature=1.0, top_p=1e-6, seed=5),
+    ):
         assert [t.token_id for t in sample(LOGITS, [params] * 4, [3] * 4)] == greedy
 
 
@@ -43,8 +45,13 @@ def test_top_k_keeps_only_k_tokens():
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-     (dict(top_k=-1), "top_k"), (dict(logprobs=99), "logprobs")],
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(logprobs=99), "logprobs"),
+    ],
 )
 def test_bad_parameters_name_the_field(kwargs, field):
     with pytest.raises(InvalidArgument, match=field):
@@ -57,5 +64,9 @@ def test_engine_seeded_sampling_is_reproducible(checkpoint):
     other = GenerationRequest((1, 2, 3, 4, 5, 6), 12, SamplingParams(temperature=0.5, seed=8), ignore_eos=True)
     alone = engine.generate([req])[0].token_ids
     assert engine.generate([other, req])[1].token_ids == alone
-    assert engine.generate([GenerationRequest((5, 9, 23), 12, SamplingParams(temperature=1.0, top_p=0.9, seed=8),
-                                              ignore_eos=True)])[0].token_ids != alone
+    assert (
+        engine.generate(
+            [GenerationRequest((5, 9, 23), 12, SamplingParams(temperature=1.0, top_p=0.9, seed=8), ignore_eos=True)]
+        )[0].token_ids
+        != alone
+    )

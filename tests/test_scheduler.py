@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from stagemesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from stagemesh.gateway.scheduler import FinishEvent, PlannedStep, Scheduler, SchedulerLimits, TokenEvent
 from stagemesh.models.blocks import BlockAllocator
@@ -98,8 +97,11 @@ def test_chunked_prefill_keeps_decodes_going():
 def test_eos_stop_tokens_and_length():
     async def go():
         scheduler, sink = make(pp=1)
-        for req, token, reason in [(request(), 2, "eos"), (request(stop_token_ids=(33,)), 33, "stop"),
-                                   (request(ignore_eos=True), 2, None)]:  # fmt: skip
+        for req, token, reason in [
+            (request(), 2, "eos"),
+            (request(stop_token_ids=(33,)), 33, "stop"),
+            (request(ignore_eos=True), 2, None),
+        ]:
             seq = scheduler.submit(req)
             answer(scheduler, sink.steps[-1], token)
             assert seq.finish == reason

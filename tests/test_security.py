@@ -9,10 +9,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from support import MeshProcess, child_env
-
 from stagemesh.cli import main
 from stagemesh.deploy.certs import make_certs
+from support import MeshProcess, child_env
 
 CLUSTER_TOKEN, CLIENT_TOKEN = "cluster-secret", "client-secret"
 
@@ -26,28 +25,55 @@ def certs(tmp_path_factory):
 
 
 def tls(directory, name: str) -> list[str]:
-    return ["--tls-cert", str(directory / f"{name}.crt"), "--tls-key", str(directory / f"{name}.key"),
-            "--tls-ca", str(directory / "ca.crt")]  # fmt: skip
+    return [
+        "--tls-cert",
+        str(directory / f"{name}.crt"),
+        "--tls-key",
+        str(directory / f"{name}.key"),
+        "--tls-ca",
+        str(directory / "ca.crt"),
+    ]
 
 
 @pytest.fixture(scope="module")
 def secure_mesh(checkpoint, certs):
     ours, _ = certs
-    mesh = MeshProcess(checkpoint("llama"), "--pp", "2", *tls(ours, "worker"), "--cluster-token", CLUSTER_TOKEN,
-                       "--client-token", CLIENT_TOKEN)  # fmt: skip
+    mesh = MeshProcess(
+        checkpoint("llama"),
+        "--pp",
+        "2",
+        *tls(ours, "worker"),
+        "--cluster-token",
+        CLUSTER_TOKEN,
+        "--client-token",
+        CLIENT_TOKEN,
+    )
     yield mesh
     mesh.stop()
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in child_env().items() if not k.startswith("STAGEMESH_")}
-    return subprocess.run([sys.executable, "-m", "stagemesh.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "stagemesh.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def generate(mesh, *security: str) -> subprocess.CompletedProcess:
-    return cli("generate", "--gateway", mesh.gateway, "--prompt-ids", "5,9,23", "--max-tokens", "4", "--json",
-               "--ignore-eos", "--timeout", "20", *security)  # fmt: skip
+    return cli(
+        "generate",
+        "--gateway",
+        mesh.gateway,
+        "--prompt-ids",
+        "5,9,23",
+        "--max-tokens",
+        "4",
+        "--json",
+        "--ignore-eos",
+        "--timeout",
+        "20",
+        *security,
+    )
 
 
 def test_generation_works_with_tls_and_tokens(secure_mesh, certs):
@@ -81,21 +107,58 @@ def test_clients_without_the_right_credentials_are_refused(secure_mesh, certs, w
 
 def test_the_client_token_does_not_open_internal_services(secure_mesh, certs):
     ours, _ = certs
-    status = subprocess.run([sys.executable, "-m", "stagemesh.coordinator.cli", "status", "--coordinator",
-                             secure_mesh.coordinator, *tls(ours, "client"), "--cluster-token", CLIENT_TOKEN],
-                            capture_output=True, text=True, timeout=60, env=child_env())  # fmt: skip
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stagemesh.coordinator.cli",
+            "status",
+            "--coordinator",
+            secure_mesh.coordinator,
+            *tls(ours, "client"),
+            "--cluster-token",
+            CLIENT_TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert status.returncode == 2 and "missing or wrong bearer token" in status.stderr
 
 
 def test_a_worker_with_another_clusters_certificate_cannot_join(secure_mesh, certs):
     _, theirs = certs
-    intruder = cli("stage-worker", "--coordinator", secure_mesh.coordinator, *tls(theirs, "worker"),
-                   "--cluster-token", CLUSTER_TOKEN, "--connect-timeout", "3")  # fmt: skip
+    intruder = cli(
+        "stage-worker",
+        "--coordinator",
+        secure_mesh.coordinator,
+        *tls(theirs, "worker"),
+        "--cluster-token",
+        CLUSTER_TOKEN,
+        "--connect-timeout",
+        "3",
+    )
     assert intruder.returncode != 0 and "unreachable" in intruder.stderr
     ours, _ = certs
-    status = subprocess.run([sys.executable, "-m", "stagemesh.coordinator.cli", "status", "--coordinator",
-                             secure_mesh.coordinator, "--json", *tls(ours, "client"), "--cluster-token",
-                             CLUSTER_TOKEN], capture_output=True, text=True, timeout=60, env=child_env())  # fmt: skip
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stagemesh.coordinator.cli",
+            "status",
+            "--coordinator",
+            secure_mesh.coordinator,
+            "--json",
+            *tls(ours, "client"),
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert status.returncode == 0, status.stderr  # still serving, still two workers
     assert len(json.loads(status.stdout)["workers"]) == 2
 
@@ -104,8 +167,22 @@ def test_nothing_unprotected_listens_beyond_loopback_unless_asked(checkpoint):
     refused = CliRunner().invoke(main, ["coordinator", "--model", checkpoint("llama"), "--host", "0.0.0.0"])
     assert refused.exit_code == 2
     assert "refusing to listen on 0.0.0.0 without TLS or a token" in refused.output
-    proc = subprocess.Popen([sys.executable, "-m", "stagemesh.cli", "coordinator", "--model", checkpoint("llama"),
-                             "--host", "0.0.0.0", "--insecure"], stdout=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stagemesh.cli",
+            "coordinator",
+            "--model",
+            checkpoint("llama"),
+            "--host",
+            "0.0.0.0",
+            "--insecure",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     try:
         assert proc.stdout.readline().startswith("ready coordinator address=")
     finally:

@@ -15,12 +15,11 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from support import MeshProcess, child_env
-
 from stagemesh.coordinator.cli import main as coordctl
 from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
 from stagemesh.models.engine import ReferenceEngine
 from stagemesh.models.requests import GenerationRequest, SamplingParams
+from support import MeshProcess, child_env
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +66,10 @@ def test_same_seed_same_tokens_alone_or_among_others(llama_mesh, reference):
     sampling = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     target = GenerationParams([5, 9, 23, 42], max_tokens=20, ignore_eos=True, **sampling)
     (alone,) = asyncio.run(_stream_all(llama_mesh.gateway, [target]))
-    others = [GenerationParams(p, max_tokens=n, ignore_eos=True, temperature=1.0, seed=i)
-              for i, (p, n) in enumerate(workload(8))]  # fmt: skip
+    others = [
+        GenerationParams(p, max_tokens=n, ignore_eos=True, temperature=1.0, seed=i)
+        for i, (p, n) in enumerate(workload(8))
+    ]
     together = asyncio.run(_stream_all(llama_mesh.gateway, others[:4] + [target] + others[4:]))[4]
     assert together == alone
     assert alone == reference([5, 9, 23, 42], 20, SamplingParams(**sampling))  # the engine draws the same way
@@ -184,8 +185,11 @@ def test_a_client_made_only_from_the_served_descriptors_streams(llama_mesh):
         method = pool.FindServiceByName("stagemesh.v1.Generation").FindMethodByName("Generate")
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        call = ch.unary_stream("/stagemesh.v1.Generation/Generate", request_serializer=request_class.SerializeToString,
-                               response_deserializer=response_class.FromString)  # fmt: skip
+        call = ch.unary_stream(
+            "/stagemesh.v1.Generation/Generate",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
         request = request_class(max_tokens=5, ignore_eos=True)
         request.token_ids.ids.extend([5, 9, 23])
         responses = list(call(request, timeout=60))
@@ -213,10 +217,17 @@ def test_prometheus_metrics(llama_mesh):
     with Client(llama_mesh.gateway, timeout=60) as client:
         client.generate(GenerationParams([4, 5, 6], max_tokens=4, ignore_eos=True))
     body = _metrics(llama_mesh)
-    for series in ("stagemesh_time_to_first_token_seconds_bucket", "stagemesh_inter_token_latency_seconds_bucket",
-                   "stagemesh_e2e_request_latency_seconds_count", "stagemesh_num_requests_waiting",
-                   "stagemesh_num_requests_running", "stagemesh_kv_cache_usage_ratio", "stagemesh_prompt_tokens_total",
-                   "stagemesh_generation_tokens_total", 'stagemesh_stage_busy_seconds_total{stage="0"}'):  # fmt: skip
+    for series in (
+        "stagemesh_time_to_first_token_seconds_bucket",
+        "stagemesh_inter_token_latency_seconds_bucket",
+        "stagemesh_e2e_request_latency_seconds_count",
+        "stagemesh_num_requests_waiting",
+        "stagemesh_num_requests_running",
+        "stagemesh_kv_cache_usage_ratio",
+        "stagemesh_prompt_tokens_total",
+        "stagemesh_generation_tokens_total",
+        'stagemesh_stage_busy_seconds_total{stage="0"}',
+    ):
         assert series in body
 
 
@@ -254,12 +265,14 @@ def test_a_full_queue_is_resource_exhausted(one_at_a_time):
 def test_not_ready_is_unavailable(checkpoint, tmp_path):
     """A gateway whose mesh has no workers yet answers UNAVAILABLE with the reason."""
     cli = [sys.executable, "-m", "stagemesh.cli"]
-    coordinator = subprocess.Popen([*cli, "coordinator", "--model", checkpoint("llama")], stdout=subprocess.PIPE,
-                                   text=True, env=child_env())  # fmt: skip
+    coordinator = subprocess.Popen(
+        [*cli, "coordinator", "--model", checkpoint("llama")], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     try:
         address = coordinator.stdout.readline().split("address=")[1].strip()
-        gateway = subprocess.Popen([*cli, "gateway", "--coordinator", address], stdout=subprocess.PIPE, text=True,
-                                   env=child_env())  # fmt: skip
+        gateway = subprocess.Popen(
+            [*cli, "gateway", "--coordinator", address], stdout=subprocess.PIPE, text=True, env=child_env()
+        )
         try:
             gw = gateway.stdout.readline().split("address=")[1].strip()
             deadline = time.monotonic() + 10

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import PROMPTS, run_ranks
-
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.engine import ReferenceEngine
+from support import PROMPTS, run_ranks
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.loader import build_model
 from stagemesh.models.runner import ModelRunner
