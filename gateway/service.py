@@ -72,7 +72,9 @@ class Gateway:
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
-        self.link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure)
+        self.link = PipelineLink(
+            t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure, self.scheduler.on_step_failure
+        )
         kv = BlockAllocator(t.kv_blocks, t.plan.block_size)
         max_context = min(t.plan.max_model_len, kv.capacity_tokens)
         self.scheduler.attach(self.link, kv, t.plan.pp, self.config.vocab_size, max_context, self.config.eos_token_ids)

@@ -10,11 +10,13 @@ all-reduce and the vocab-split LM head one all-gather per step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from stagemesh.errors import CollectiveError
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.layers import Experts
 from stagemesh.models.plan import kv_head_range, kv_heads_per_rank, shard_range, vocab_range
@@ -52,14 +54,26 @@ class TPRank:
         if self.local is not None and self.local.fits(t):
             self.local.all_reduce(t)
         else:
-            dist.all_reduce(t, group=self.group)
+            with collective("all-reduce"):
+                dist.all_reduce(t, group=self.group)
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         if self.local is not None and self.local.fits(t):
             return self.local.all_gather(t)
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t, group=self.group)
+        with collective("all-gather"):
+            dist.all_gather(parts, t, group=self.group)
         return parts
+
+
+@contextlib.contextmanager
+def collective(name: str):
+    """Around one torch.distributed call: whatever it raises (gloo's RuntimeError, NCCL's DistBackendError)
+    means the group is gone, and becomes CollectiveError; nothing else is caught."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise CollectiveError(f"{name} failed: {e}") from e
 
 
 def part_rows(config: ModelConfig, part: str, tp: int, rank: int) -> tuple[int, int]:

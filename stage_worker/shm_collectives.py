@@ -8,7 +8,8 @@ a rank can only write op k+2 after every rank finished op k+1, hence finished re
 
 Ordering: the sequence number is stored after the data by the same thread, and x86-64 keeps stores in
 order (TSO), so a rank that sees the number sees the data; on other CPUs the stage keeps using gloo.
-Waiting spins on the counters, yielding the CPU between checks; a peer that died is noticed by its pid.
+Waiting spins on the counters, yielding the CPU between checks; a peer that died is noticed by its pid
+(CollectiveError).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from stagemesh.errors import CollectiveError
 
 HEADER = 64  # int64 slots: sequence numbers of up to 32 ranks, then their pids
 SPINS_BEFORE_YIELD = 64
@@ -107,9 +109,9 @@ class ShmCollectives:
     def _check_peers(self, op: int, deadline: float) -> None:
         for r in range(self.size):
             if self._header[r] < op and not _alive(int(self._header[32 + r])):
-                raise RuntimeError(f"tensor-parallel rank {r} (pid {self._header[32 + r]}) is gone")
+                raise CollectiveError(f"tensor-parallel rank {r} (pid {self._header[32 + r]}) is gone")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tensor-parallel ranks did not all reach collective {op} in {self.timeout:.0f}s")
+            raise CollectiveError(f"tensor-parallel ranks did not all reach collective {op} in {self.timeout:.0f}s")
 
 
 def _alive(pid: int) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from stagemesh.models.tp import TPRank
+from stagemesh.models.tp import TPRank, collective
 from stagemesh.stage_worker.shm_collectives import SUPPORTED, ShmCollectives
 
 SHM_SLOT_BYTES = 8 << 20  # larger collectives (long prefill chunks) go through gloo
@@ -64,7 +64,8 @@ class TPGroup:
         if self.local is not None:
             return self.local.broadcast(payload, self._broadcast_bytes)
         size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64)
-        dist.broadcast(size, src=0)
+        with collective("broadcast"):
+            dist.broadcast(size, src=0)
         return self._broadcast_bytes(payload, int(size.item()))
 
     def _broadcast_bytes(self, payload: bytes | None, size: int) -> bytes:
@@ -73,7 +74,8 @@ class TPGroup:
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None else None
         if data is None:
             data = torch.empty(size, dtype=torch.uint8)
-        dist.broadcast(data, src=0)
+        with collective("broadcast"):
+            dist.broadcast(data, src=0)
         return data.numpy().tobytes()
 
 

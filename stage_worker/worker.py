@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.errors import CollectiveError, ResourceExhausted, StagemeshError, Unavailable
 from stagemesh.models.engine import parse_dtype
 from stagemesh.models.loader import build_model
 from stagemesh.models.plan import StageSpec
@@ -24,6 +24,7 @@ from stagemesh.proto import stage_pb2_grpc
 from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
 from stagemesh.stage_worker.engine import StageEngine, StepWork
 from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
+from stagemesh.stage_worker.faults import oom_fault
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
@@ -63,16 +64,35 @@ class StageRuntime:
         return self.engine is not None
 
     def compute(self, payload: bytes | None, work: StepWork):
-        """Runs on the compute thread: broadcast the step to the TP peers, then compute this rank's part."""
+        """Runs on the compute thread: broadcast the step to the TP peers, then compute this rank's part.
+
+        A StagemeshError out of the step (its reservation ran out of memory, its experts are unreachable)
+        is one every rank raised at the same point, so it fails this step only. A collective failure means
+        the group is gone. Anything else (an out-of-memory mid-step, a bug) fails the step too when this
+        rank computes alone, but with TP peers it leaves them inside a collective: the group is out of step.
+        """
         if self.broken:
             raise Unavailable(self.broken)
         try:
             if self.group is not None:
                 self.group.broadcast(payload)
             return self.engine.run(work)
-        except RuntimeError as e:  # a collective failed: a peer is gone, this stage cannot compute any more
-            self.broken = f"stage {self.stage}: its tensor-parallel group failed ({e})"
-            raise Unavailable(self.broken) from None
+        except CollectiveError as e:
+            raise self._break(f"its tensor-parallel group failed ({e})") from None
+        except StagemeshError:
+            raise
+        except Exception as e:
+            if self.group is not None:
+                raise self._break(f"a step failed on the leader alone, out of step with its TP peers ({e!r})") from e
+            if isinstance(e, torch.OutOfMemoryError):
+                raise ResourceExhausted(f"stage {self.stage} ran out of memory for this step: {e}") from None
+            log.exception("step %d failed", work.step_id)
+            raise StagemeshError(f"stage {self.stage} failed this step: {e!r}") from None
+
+    def _break(self, reason: str) -> Unavailable:
+        self.broken = f"stage {self.stage}: {reason}"
+        log.error("%s", self.broken)
+        return Unavailable(self.broken)
 
     def on_epoch(self, epoch: int) -> None:
         """The coordinator's pipeline epoch, from heartbeats and the topology watch."""
@@ -87,15 +107,21 @@ class StageRuntime:
         )
 
     def follow_leader(self) -> None:
-        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop."""
+        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop.
+        A step's StagemeshError is one the leader raises too (see compute); a collective failure or any
+        other error ends the loop, and with it this worker: the group cannot go on in step."""
         try:
             while (payload := self.group.broadcast()) != SHUTDOWN:
                 try:
                     self.engine.run(peer_work(payload))
-                except StagemeshError as e:  # the leader fails the same step the same way (see expert_router)
+                except CollectiveError:
+                    raise
+                except StagemeshError as e:
                     log.warning("step failed: %s", e)
-        except RuntimeError as e:
+        except CollectiveError as e:
             raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
+        except Exception as e:
+            raise Unavailable(f"stage {self.stage}: a step failed on this TP rank alone ({e!r}); leaving") from e
 
 
 def device_memory(device: torch.device) -> int:
@@ -171,7 +197,8 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
     blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))
     runtime.num_blocks, runtime.block_size = blocks, plan.block_size
     runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
-    return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
+    fault = oom_fault(assignment.stage, assignment.tp_rank)
+    return StageEngine(ModelRunner(model, blocks, plan.block_size, device), tp, fault)
 
 
 async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
