@@ -82,6 +82,7 @@ class ForwardLink:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # no write may be pending when the stream ends
 
     async def _steps(self, requests) -> None:
         async for step in requests:
@@ -128,8 +129,15 @@ class ForwardLink:
         await self._send_up(pb.StepResult(step_id=step.step_id, failure=failure))
 
     async def _send_up(self, result: pb.StepResult) -> None:
+        """One write at a time, and never cut short: a write cancelled half-way leaves gRPC unable to send
+        the stream's status (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the caller waits for nothing."""
         async with self._writing:
-            await self.write(result)
+            write = asyncio.ensure_future(self.write(result))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.gather(write, return_exceptions=True)
+                raise
 
     async def _open_downstream(self) -> None:
         """The gateway may open its stream as soon as the mesh is ready, a moment before this worker's
