@@ -69,6 +69,8 @@ class ModelRunner:
                 raise InvalidArgument(f"hidden states must have shape {list(expected)}, got {got}")
             if hidden.dtype != self.dtype:
                 raise InvalidArgument(f"hidden states must be {_name(self.dtype)}, got {_name(hidden.dtype)}")
+            if not torch.isfinite(hidden).all():
+                raise InvalidArgument("hidden states contain NaN or infinity")
 
 
 def _name(dtype: torch.dtype) -> str:
