@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.errors import NotFound, StagemeshError, Unavailable
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel, channel
+from stagemesh.proto.rpc import aio_channel, channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.coordinator.client")
 
@@ -32,14 +32,6 @@ class WorkerOptions:
     model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
     connect_timeout: float = 30.0
     metrics_port: int | None = None  # Prometheus /metrics (0 = a free one); None = off
-
-
-def _describe(address: str, e: grpc.RpcError) -> StagemeshError:
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"coordinator at {address} is unreachable: {e.details()}")
-    error = StagemeshError(f"coordinator at {address}: {e.details()}")
-    error.code = e.code().name
-    return error
 
 
 class CoordinatorClient:
@@ -61,7 +53,7 @@ class CoordinatorClient:
         try:
             return await getattr(self.stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise _describe(self.address, e) from None
+            raise error_from_rpc(e, f"coordinator at {self.address}") from None
 
     async def register(self, request: pb.RegisterRequest, timeout: float) -> pb.Assignment:
         request.hostname = request.hostname or socket.gethostname()
@@ -73,11 +65,9 @@ class CoordinatorClient:
             try:
                 reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
                 on_epoch(reply.epoch)
-            except Unavailable as e:
-                log.warning("%s", e)
+            except NotFound:
+                raise
             except StagemeshError as e:
-                if e.code == "NOT_FOUND":
-                    raise
                 log.warning("heartbeat: %s", e)
             await asyncio.sleep(interval)
 
@@ -88,7 +78,7 @@ class CoordinatorClient:
                 async for topology in self.stub.WatchTopology(pb.WatchRequest()):
                     yield topology
             except grpc.aio.AioRpcError as e:
-                log.warning("topology watch: %s", _describe(self.address, e))
+                log.warning("topology watch: %s", error_from_rpc(e, f"coordinator at {self.address}"))
             await asyncio.sleep(1.0)
 
     async def close(self) -> None:
@@ -101,4 +91,4 @@ def cluster_status(address: str, timeout: float = 5.0) -> pb.ClusterStatus:
         try:
             return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            raise _describe(address, e) from None
+            raise error_from_rpc(e, f"coordinator at {address}") from None

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import expert_imbalance, status_dict
-from stagemesh.gateway.client import AsyncClient, Client, GenerationParams
+from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import ParallelPlan
 from stagemesh.proto import expert_pb2 as pb
@@ -173,3 +173,39 @@ def test_a_dead_expert_without_replica_fails_steps_with_unavailable(checkpoint):
 def test_impossible_expert_layouts_are_refused_at_start(checkpoint, args, message):
     result = CliRunner().invoke(main, ["coordinator", "--model", checkpoint("mixtral"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(checkpoint, tmp_path, monkeypatch, tp):
+    """An expert worker that sees another checkpoint (here: one with 2 of the 4 MoE layers) refuses the
+    stage's dispatch for layer 2; the client gets INVALID_ARGUMENT naming it, whether one rank dispatches
+    (tp=1) or each rank a slice (tp=2, the refusal carried through the all-gather)."""
+    import json
+    import shutil
+
+    from stagemesh.deploy import launcher
+
+    model = checkpoint("mixtral")
+    other = tmp_path / "two-layers"
+    shutil.copytree(model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    commands = launcher.worker_commands
+
+    def misconfigured(layout, coordinator):
+        return [
+            (n, [*a, "--model", str(other)] if n.startswith("expert") else a) for n, a in commands(layout, coordinator)
+        ]
+
+    monkeypatch.setattr(launcher, "worker_commands", misconfigured)
+    layout = launcher.MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
+    mesh = launcher.LocalMesh(layout)
+    try:
+        mesh.start(timeout=120)
+        with Client(mesh.gateway, timeout=60) as client:
+            with pytest.raises(GatewayError) as e:
+                client.generate(GenerationParams([5, 9, 23], max_tokens=4, ignore_eos=True))
+    finally:
+        mesh.stop()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "layer 2" in e.value.details
