@@ -7,7 +7,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import grpc
 from stagemesh.errors import NotFound, StagemeshError, Unavailable
@@ -16,22 +15,6 @@ from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import aio_channel, channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.coordinator.client")
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """What every worker process (stage or expert) needs to join a mesh: its coordinator, where it listens
-    and is reached, its device and threads, and where this host sees the checkpoint."""
-
-    coordinator: str
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = a free one
-    advertise: str | None = None  # the host others dial; default: --host
-    threads: int | None = None  # torch threads; None = torch's default
-    model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
-    connect_timeout: float = 30.0
-    metrics_port: int | None = None  # Prometheus /metrics (0 = a free one); None = off
 
 
 class CoordinatorClient:

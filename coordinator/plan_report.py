@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from stagemesh.coordinator.model_presets import resolve_model
 from stagemesh.coordinator.model_shape import ModelShape, shard
 from stagemesh.coordinator.planner import (
-    DTYPE_BYTES,
     Assumptions,
     Hardware,
     LayoutCost,
@@ -21,6 +20,7 @@ from stagemesh.coordinator.planner import (
     plan,
 )
 from stagemesh.errors import FailedPrecondition, InvalidArgument
+from stagemesh.models.dtypes import PLANNING_DTYPES, lookup
 from stagemesh.units import format_bytes, parse_bandwidth, parse_bytes
 
 DEFAULT_CONTEXT = 4096  # tokens, capped at the model's positions
@@ -73,10 +73,10 @@ def _hardware(req: PlanRequest, gpus: int, memory: float, per_node: int) -> Hard
 
 
 def _workload(req: PlanRequest, shape: ModelShape, dtype: str) -> Workload:
-    if dtype.lower() not in DTYPE_BYTES:
-        raise InvalidArgument(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    if dtype.lower() not in PLANNING_DTYPES:
+        raise InvalidArgument(f"--dtype {dtype!r}: choose one of {', '.join(PLANNING_DTYPES)}")
     context = req.context if req.context is not None else min(DEFAULT_CONTEXT, shape.max_context)
-    return Workload(dtype_bytes=DTYPE_BYTES[dtype.lower()], batch=req.batch, context=context)
+    return Workload(dtype_bytes=lookup(dtype).bytes, batch=req.batch, context=context)
 
 
 # ---- a running cluster ----
@@ -106,7 +106,7 @@ def cluster_check(shape: ModelShape, hw: Hardware, wl: Workload, mesh, workers) 
     """The running layout's estimate and, per worker, predicted parameter bytes against what it loaded."""
     groups = tuple(tuple(g.expert_ids) for g in mesh.expert_groups)
     shards = shard(shape, mesh.tp, mesh.pp, mesh.ep, [(s.first, s.end) for s in mesh.stages], groups or None)
-    size = DTYPE_BYTES[mesh.dtype]
+    size = lookup(mesh.dtype).bytes
     rows = []
     for w in sorted(workers, key=lambda w: (w.kind != "stage", w.stage, w.tp_rank, w.expert_index)):
         if w.kind == "stage":

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, replace
 
 from stagemesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagemesh.models.config import ModelConfig
+from stagemesh.models.dtypes import lookup
 from stagemesh.models.plan import ParallelPlan
 
 STAGE, EXPERT = "stage", "expert"
-DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ class Roster:
         )
 
     def predicted_param_bytes(self, worker: Worker) -> int:
-        size = DTYPE_BYTES.get(self.spec.dtype, 4)
+        size = lookup(self.spec.dtype).bytes
         if worker.kind == EXPERT:
             return self.plan.expert_param_count(self.config, worker.expert_index) * size
         return self.plan.stage_param_count(self.config, worker.stage, worker.tp_rank) * size

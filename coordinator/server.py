@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from stagemesh.coordinator.roster import STAGE, Roster, ServingSpec, Topology, Worker
 from stagemesh.errors import DeadlineExceeded
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.plan import ParallelPlan
+from stagemesh.models.plan import LayoutOptions
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import bind, create_server, enable_reflection, maps_errors, run_service, set_serving
@@ -191,15 +191,7 @@ def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
 
 
 @dataclass(frozen=True)
-class CoordinatorOptions:
-    model_dir: str
-    tp: int = 1
-    pp: int = 1
-    ep: int = 0
-    layers: str | None = None
-    expert_placement: str = "contiguous"
-    expert_replicas: str | None = None
-    dtype: str = "float32"
+class CoordinatorOptions(LayoutOptions):
     block_size: int = 16
     max_model_len: int = 0
     host: str = "127.0.0.1"
@@ -210,9 +202,7 @@ class CoordinatorOptions:
 def build_roster(opts: CoordinatorOptions, on_change=lambda: None) -> Roster:
     """Validates the plan against the checkpoint's config before anything listens."""
     config = ModelConfig.from_dir(opts.model_dir)
-    plan = ParallelPlan.build(
-        config, opts.tp, opts.pp, opts.ep, opts.layers, opts.expert_placement, opts.expert_replicas
-    )
+    plan = opts.parallel_plan(config)
     spec = ServingSpec(opts.model_dir, opts.dtype, opts.block_size, opts.max_model_len)
     return Roster(config, plan, spec, heartbeat_timeout=opts.heartbeat_timeout, on_change=on_change)
 

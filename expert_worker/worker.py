@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import torch
-from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
+from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.expert_worker.engine import ExpertEngine
 from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.engine import parse_dtype
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import load_experts
 from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.proto import expert_pb2_grpc
 from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
-from stagemesh.stage_worker.worker import device_memory
 from stagemesh.telemetry import serve_metrics, worker_registry
+from stagemesh.workers import ExpertWorkerOptions, device_memory
 
 log = logging.getLogger("stagemesh.experts")
-
-
-@dataclass(frozen=True)
-class ExpertWorkerOptions(WorkerOptions):
-    expert_worker_index: int | None = None  # ask for this role; None = the next free one
 
 
 def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:
@@ -69,7 +63,7 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
 
     def load() -> ExpertEngine:
         model_dir = opts.model_dir or plan.model_dir
-        layers, _ = load_experts(model_dir, expert_ids, parse_dtype(plan.dtype), device)
+        layers, _ = load_experts(model_dir, expert_ids, serving_dtype(plan.dtype), device)
         return ExpertEngine(layers, ModelConfig.from_dir(model_dir).num_local_experts, plan.hidden_size)
 
     engine = await asyncio.get_running_loop().run_in_executor(servicer.executor, load)

@@ -18,6 +18,26 @@ PLACEMENTS = ("contiguous", "round-robin")
 
 
 @dataclass(frozen=True)
+class LayoutOptions:
+    """The choices that lay a model out over a mesh, as `stagemesh coordinator`, `stagemesh up` and the
+    cluster description take them (ParallelPlan.build validates them against the model)."""
+
+    model_dir: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 0  # expert workers (MoE); 0 keeps the experts in the stages
+    layers: str | None = None  # inclusive ranges per stage, "0-9,10-31", or "balanced"; None = an even split
+    expert_placement: str = PLACEMENTS[0]
+    expert_replicas: str | None = None  # "EXPERT=COPIES,..." or "all=COPIES"
+    dtype: str = "float32"  # weights and activations on every worker (SERVING_DTYPES)
+
+    def parallel_plan(self, config: ModelConfig) -> ParallelPlan:
+        return ParallelPlan.build(
+            config, self.tp, self.pp, self.ep, self.layers, self.expert_placement, self.expert_replicas
+        )
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One pipeline stage: layers [first_layer, end_layer) plus the embedding (first) or head (last)."""
 

@@ -8,13 +8,11 @@ import contextlib
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import psutil
 import torch
-from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
+from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.errors import StagemeshError, Unavailable
-from stagemesh.models.engine import parse_dtype
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import build_model
 from stagemesh.models.plan import StageSpec
 from stagemesh.models.runner import ModelRunner
@@ -28,17 +26,9 @@ from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
 from stagemesh.units import parse_bytes
+from stagemesh.workers import StageWorkerOptions, device_memory
 
 log = logging.getLogger("stagemesh.stage")
-
-
-@dataclass(frozen=True)
-class StageWorkerOptions(WorkerOptions):
-    stage: int | None = None  # ask for this role; None = the next free one
-    tp_rank: int | None = None
-    dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
-    kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
-    group_timeout: float = 120.0
 
 
 class StageRuntime:
@@ -96,12 +86,6 @@ class StageRuntime:
                     log.warning("step failed: %s", e)
         except RuntimeError as e:
             raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
-
-
-def device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return psutil.virtual_memory().total
 
 
 async def run_stage_worker(opts: StageWorkerOptions) -> None:
@@ -165,7 +149,7 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
     layers = plan.stages[assignment.stage]
     spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
     tp = runtime.group.tp_rank if runtime.group else TPRank()
-    dtype = parse_dtype(plan.dtype)
+    dtype = serving_dtype(plan.dtype)
     remote = _remote_experts(plan, runtime, tp) if plan.ep else None
     model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
     blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))

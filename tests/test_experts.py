@@ -184,6 +184,7 @@ def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(
     import shutil
 
     from stagemesh.deploy import launcher
+    from stagemesh.deploy.commands import MeshLayout
 
     model = checkpoint("mixtral")
     other = tmp_path / "two-layers"
@@ -198,7 +199,7 @@ def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(
         ]
 
     monkeypatch.setattr(launcher, "worker_commands", misconfigured)
-    layout = launcher.MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
+    layout = MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
     mesh = launcher.LocalMesh(layout)
     try:
         mesh.start(timeout=120)
