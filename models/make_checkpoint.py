@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from stagemesh.errors import InvalidArgument
-from stagemesh.models.config import ModelConfig
+from stagemesh.models.config import ModelConfig, hf_shape
 from stagemesh.models.dtypes import serving_dtype
-from stagemesh.models.loader import hf_shape
 from stagemesh.models.presets import hf_config
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1 (bos), 2 (eos), as in Llama
