@@ -53,6 +53,7 @@ class Gateway:
         self.link: PipelineLink | None = None
         self.address = ""
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
+        self._tasks: set[asyncio.Task] = set()  # referenced until done: the loop keeps only weak references
 
     # ---- topology ----
 
@@ -76,9 +77,11 @@ class Gateway:
             self.codec = TextCodec.from_dir(model_dir)
         self.link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure)
         kv = BlockAllocator(t.kv_blocks, plan.spec.block_size)
-        max_context = min(plan.spec.max_model_len, kv.capacity_tokens)
+        # The model's context bounds a request (INVALID_ARGUMENT beyond it); the KV cache only decides when it
+        # runs: it waits for free blocks, or is RESOURCE_EXHAUSTED if the whole cache could never hold it.
         c = self.config
-        self.scheduler.attach(self.link, kv, plan.parallel.pp, c.vocab_size, max_context, c.eos_token_ids)
+        args = (plan.parallel.pp, c.vocab_size, plan.spec.max_model_len, c.eos_token_ids)
+        self.scheduler.attach(self.link, kv, *args)
         await set_serving(self.health, [SERVICE], True)
         log.info("attached to the mesh at pipeline epoch %d (%d KV blocks)", t.pipeline_epoch, t.kv_blocks)
 
@@ -94,8 +97,17 @@ class Gateway:
         self.scheduler.on_result(step_id, tokens)
 
     def _on_failure(self, error: StagemeshError) -> None:
-        link = self.link
-        asyncio.ensure_future(self._recover(link, error))
+        self._spawn(self._recover(self.link, error))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def _recover(self, failed: PipelineLink | None, error: StagemeshError) -> None:
         if failed is not self.link:

@@ -72,9 +72,6 @@ class CheckpointReader:
         with safe_open(str(self.path / files[0]), framework="pt") as f:
             return {name: files[0] for name in f.keys()}
 
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
     def _slice(self, name: str):
         file = self._file_of.get(name)
         if file is None:
@@ -82,9 +79,6 @@ class CheckpointReader:
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         return self._handles[file].get_slice(name)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
 
     def read(self, piece: Piece, expected_shape: tuple[int, ...]) -> torch.Tensor:
         """Reads only the slice `piece` names, after checking the tensor's full shape."""
