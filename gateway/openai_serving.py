@@ -74,7 +74,7 @@ class OpenAIServing:
         if self._name:
             return self._name
         topology = self.gateway.topology
-        return topology.plan.model_dir if topology is not None else ""
+        return topology.plan.spec.model_dir if topology is not None else ""
 
     def check_model(self, name: str | None) -> str:
         """The model a request names must be the one served (omitted = that one); NotFound otherwise."""
