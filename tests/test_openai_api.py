@@ -45,11 +45,14 @@ def test_models_health_metrics_tokenize(smollm2_mesh, api, model, smollm2):
 
 def test_completion_text_equals_the_grpc_api_streamed_or_not(smollm2_mesh, api, model):
     request = dict(model=model, prompt="The capital of France is", max_tokens=10, temperature=0.8, seed=7)
+    request["extra_body"] = {"ignore_eos": True}  # vLLM's extra, sent as the openai client sends extras
     whole = api.completions.create(**request)
     chunks = list(api.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     with Client(smollm2_mesh.gateway, timeout=120) as client:
-        grpc = client.generate(GenerationParams("The capital of France is", max_tokens=10, temperature=0.8, seed=7))
+        grpc = client.generate(
+            GenerationParams("The capital of France is", max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
+        )
     assert whole.choices[0].text == streamed == grpc.text
     assert whole.choices[0].finish_reason == grpc.finish_reason == "length"
     token_chunks = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
@@ -83,6 +86,7 @@ def test_chat_streamed_and_not(api, model):
 
 def test_n_samples_with_a_seed_reproduce_and_differ(api, model):
     request = dict(model=model, prompt="My favourite animal is", max_tokens=12, n=2, seed=11, temperature=1.0)
+    request["extra_body"] = {"ignore_eos": True}
     first, again = api.completions.create(**request), api.completions.create(**request)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
     assert [c.index for c in sorted(first.choices, key=lambda c: c.index)] == [0, 1]
@@ -97,9 +101,10 @@ def test_n_samples_with_a_seed_reproduce_and_differ(api, model):
 
 
 def test_stop_strings_cut_the_text(api, model):
-    free = api.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    request = dict(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    free = api.completions.create(**request)
     stop = free.choices[0].text[3:5]
-    cut = api.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop, "zzz"])
+    cut = api.completions.create(**request, stop=[stop, "zzz"])
     assert cut.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -212,7 +217,9 @@ def test_bearer_token_rate_limit_and_missing_template(guarded):
         api.chat.completions.create(model=model, messages=CHAT, max_tokens=2)
     assert api.completions.create(model=model, prompt=[5, 9, 23], max_tokens=3).usage.completion_tokens == 3
 
-    running = api.completions.create(model=model, prompt=[5, 9], max_tokens=500, ignore_eos=True, stream=True)
+    running = api.completions.create(
+        model=model, prompt=[5, 9], max_tokens=500, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(running))
     queued: list = []
     waiter = threading.Thread(
