@@ -51,7 +51,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 **{**self.special_tokens, **kwargs},
             )
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # e.g. a content the template cannot join
             raise InvalidArgument(f"messages: the chat template refused them: {e}") from None
 
 

@@ -137,6 +137,8 @@ def test_logprobs(api, model):
         (dict(prompt="Hi", logprobs=50), "logprobs:"),
         (dict(prompt=[5, 999999]), "token ids must be in [0, 49152)"),
         (dict(prompt="Hi", max_tokens=100000), "exceeds the context"),
+        (dict(prompt="Hi", max_tokens=4, extra_body={"min_tokens": 9}), "min_tokens must be in [0, max_tokens=4]"),
+        (dict(prompt="Hi", stop=["x" * 300]), "stop: at most 16 strings"),
     ],
 )
 def test_bad_requests_are_400_and_disturb_nothing(api, model, request_fields, message):
@@ -151,6 +153,8 @@ def test_unknown_model_is_404_and_bad_chat_is_400(api, model):
         api.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         api.chat.completions.create(model=model, messages=[{"content": "no role"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="chat template refused"):  # content None: the template fails
+        api.chat.completions.create(model=model, messages=[{"role": "user", "content": None}], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         api.chat.completions.create(model=model, messages=CHAT, max_tokens=2, top_logprobs=2)
 
