@@ -98,9 +98,10 @@ class LLM:
         if self.chat_template is None:
             raise InvalidArgument(f"{self.layout.model_dir} has no chat template: use generate()")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        add_generation_prompt = template.pop("add_generation_prompt", True)
         items = []
         for conversation in conversations:
-            text = self.chat_template.render(conversation, template.pop("add_generation_prompt", True), **template)
+            text = self.chat_template.render(conversation, add_generation_prompt, **template)
             items.append((text, self._require_codec().encode(text, add_special_tokens=False)))
         return self._run(items, sampling_params or SamplingParams(), use_tqdm)
 
