@@ -171,23 +171,38 @@ def _wait_kv_free(coordinator: str, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+def _metric(mesh, series: str) -> float:
+    body = httpx.get(f"http://{mesh.http}/metrics", timeout=10).text
+    return next((float(l.split()[-1]) for l in body.splitlines() if l.startswith(series + " ")), 0.0)
+
+
+CANCELLED = 'stagemesh_requests_total{finish_reason="cancelled"}'
+
+
 def test_disconnecting_mid_stream_frees_the_kv(smollm2_mesh, model):
+    before = _metric(smollm2_mesh, CANCELLED)
     body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"http://{smollm2_mesh.http}/v1/completions", json=body) as response:
             lines = response.iter_lines()
-            events = [line for line, _ in zip(lines, range(12)) if line.startswith("data: ")]
-            assert len(events) >= 3
-            assert _kv_used(smollm2_mesh.coordinator)[0] > 0  # it is running and holds KV
+            assert sum(1 for line, _ in zip(lines, range(6)) if line.startswith("data: ")) >= 3
+            deadline = time.monotonic() + 15
+            while _kv_used(smollm2_mesh.coordinator)[0] == 0:  # coordctl sees it running, holding KV
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
         # leaving the block closes the connection mid-stream
     _wait_kv_free(smollm2_mesh.coordinator)
+    assert _metric(smollm2_mesh, "stagemesh_kv_cache_blocks_used") == 0
+    assert _metric(smollm2_mesh, CANCELLED) == before + 1  # ended by the disconnect, not by finishing
 
 
 def test_a_non_streamed_request_whose_client_leaves_is_cancelled(smollm2_mesh, model):
+    before = _metric(smollm2_mesh, CANCELLED)
     body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"http://{smollm2_mesh.http}/v1/completions", json=body, timeout=2.0)
     _wait_kv_free(smollm2_mesh.coordinator)
+    assert _metric(smollm2_mesh, CANCELLED) == before + 1
 
 
 # ---- a second, tiny mesh: a client token, one request at a time, no chat template ----
