@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
@@ -75,6 +76,7 @@ def check_bearer(request: Request) -> None:
 
 def build_app(serving: OpenAIServing, gateway) -> FastAPI:
     app = FastAPI(title="stagemesh", docs_url=None, redoc_url=None, dependencies=[Depends(check_bearer)])
+    started = int(time.time())
 
     @app.exception_handler(StagemeshError)
     async def domain_error(request: Request, error: StagemeshError):
@@ -100,7 +102,7 @@ def build_app(serving: OpenAIServing, gateway) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         serving.scheduler.check_ready()
-        card = {"id": serving.model_name, "object": "model", "created": 0, "owned_by": "stagemesh"}
+        card = {"id": serving.model_name, "object": "model", "created": started, "owned_by": "stagemesh"}
         card |= {
             "root": gateway.topology.plan.spec.model_dir,
             "parent": None,
