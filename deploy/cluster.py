@@ -67,6 +67,7 @@ class GatewaySection:
     host: str | None = None  # default: the first host
     port: int = 50051
     metrics_port: int | None = None  # Prometheus /metrics; None = off
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None = off
     max_step_tokens: int = SchedulerLimits.max_step_tokens
     max_queue: int = SchedulerLimits.max_queue
     max_running: int = SchedulerLimits.max_running
@@ -144,6 +145,7 @@ class Cluster:
             max_queue=self.gateway.max_queue,
             max_running=self.gateway.max_running,
             metrics_port=self.gateway.metrics_port,
+            http_port=self.gateway.http_port,
         )
 
 
@@ -312,6 +314,8 @@ def _check_ports(cluster: Cluster, where: str) -> None:
     }
     if g.metrics_port is not None:
         ranges["gateway.metrics_port"] = range(g.metrics_port, g.metrics_port + 1)
+    if g.http_port is not None:
+        ranges["gateway.http_port"] = range(g.http_port, g.http_port + 1)
     for name, ports in ranges.items():
         if ports.start < 1 or ports.stop - 1 > 65535:
             raise InvalidArgument(f"{where}: {name}: ports {ports.start}-{ports.stop - 1} are not all in 1-65535")

@@ -24,6 +24,7 @@ class MeshLayout(LayoutOptions):
     max_queue: int = SchedulerLimits.max_queue
     max_running: int = SchedulerLimits.max_running
     metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
+    http_port: int | None = None  # the gateway's OpenAI-compatible HTTP port (0 = a free one); None = off
 
     @property
     def workers(self) -> int:
@@ -131,4 +132,6 @@ def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None 
         argv += ["--advertise", advertise]
     if layout.metrics_port is not None:
         argv += ["--metrics-port", str(layout.metrics_port)]
+    if layout.http_port is not None:
+        argv += ["--http-port", str(layout.http_port)]
     return argv

@@ -27,6 +27,7 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     address: str = ""
+    http: str = ""  # the gateway's HTTP API, when it serves one
     lines: list[str] = field(default_factory=list)
 
 
@@ -44,6 +45,7 @@ class LocalMesh:
         self.children: list[Child] = []
         self.log = log
         self.coordinator = self.gateway = ""
+        self.http = ""  # HOST:PORT of the gateway's HTTP API, when it serves one
         self._stopping = False
         self.interrupted = False  # set by run_mesh's SIGINT/SIGTERM handler; startup gives up when it is
 
@@ -56,6 +58,7 @@ class LocalMesh:
         for name, argv in worker_commands(layout, self.coordinator):
             self._spawn(name, argv, deadline=None)
         self.gateway = self._spawn("gateway", gateway_command(layout, self.coordinator), deadline)
+        self.http = self.children[-1].http
         self._wait_serving(deadline)
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -91,6 +94,8 @@ class LocalMesh:
     def _drain(self, child: Child, ready: threading.Event) -> None:
         for line in child.proc.stdout:
             child.lines.append(line)
+            if line.startswith("http ") and "address=" in line:
+                child.http = line.split("address=", 1)[1].split()[0]
             if line.startswith("ready ") and "address=" in line:
                 child.address = line.split("address=", 1)[1].split()[0]
                 ready.set()
@@ -157,13 +162,13 @@ class ServiceMesh(LocalMesh):
             if service.role == "coordinator":
                 self.coordinator = address
             elif service.role == "gateway":
-                self.gateway = address
+                self.gateway, self.http = address, self.children[-1].http
         self._wait_serving(deadline)
         threading.Thread(target=self._watch, daemon=True).start()
 
 
 def run_mesh(mesh: LocalMesh) -> None:
-    """Starts the mesh, prints `ready gateway=... coordinator=...`, serves until SIGINT/SIGTERM."""
+    """Starts the mesh, prints `ready gateway=... coordinator=...[ http=...]`, serves until SIGINT/SIGTERM."""
 
     def interrupt(*_) -> None:  # only a plain assignment: a handler taking a lock can deadlock the main thread
         mesh.interrupted = True
@@ -172,7 +177,8 @@ def run_mesh(mesh: LocalMesh) -> None:
         signal.signal(sig, interrupt)
     try:
         mesh.start()
-        print(f"ready gateway={mesh.gateway} coordinator={mesh.coordinator}", flush=True)
+        http = f" http={mesh.http}" if mesh.http else ""
+        print(f"ready gateway={mesh.gateway} coordinator={mesh.coordinator}{http}", flush=True)
         while not mesh.interrupted:
             time.sleep(0.2)
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.coordinator.roster import Topology
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.gateway.chat_template import ChatTemplate
 from stagemesh.gateway.metrics import GatewayMetrics
 from stagemesh.gateway.pipeline import PipelineLink
 from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits
@@ -38,6 +39,8 @@ class GatewayOptions:
     limits: SchedulerLimits = SchedulerLimits()
     connect_timeout: float = 30.0
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = a free one); None = off
+    served_model_name: str | None = None  # the model's name on the HTTP API; None = the plan's model path
 
 
 class Gateway:
@@ -50,6 +53,7 @@ class Gateway:
         self.topology: Topology | None = None
         self.config: ModelConfig | None = None
         self.codec: TextCodec | None = None
+        self.chat_template: ChatTemplate | None = None
         self.link: PipelineLink | None = None
         self.address = ""
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
@@ -75,6 +79,7 @@ class Gateway:
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
+            self.chat_template = ChatTemplate.from_dir(model_dir)
         self.link = PipelineLink(
             t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure, self.scheduler.on_step_failure
         )
@@ -190,6 +195,20 @@ async def run_gateway(opts: GatewayOptions) -> None:
             opts.host,
             serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port),
         )
+    background = [gateway.follow(), gateway.report()]
+    if opts.http_port is not None:
+        background.append(_start_http(opts, scheduler, gateway, advertise))
     await server.start()
     await set_serving(health, [SERVICE], False)
-    await run_service("gateway", gateway.address, server, background=[gateway.follow(), gateway.report()])
+    await run_service("gateway", gateway.address, server, background=background)
+
+
+def _start_http(opts: GatewayOptions, scheduler: Scheduler, gateway: Gateway, advertise: str):
+    """Binds the HTTP API now and announces `http gateway address=HOST:PORT` (before the ready line, so
+    launchers have it when they see that); returns the coroutine that serves it."""
+    from stagemesh.gateway.http import http_server
+    from stagemesh.gateway.openai_serving import OpenAIServing
+
+    http = http_server(OpenAIServing(scheduler, gateway, opts.served_model_name), gateway, opts.host, opts.http_port)
+    print(f"http gateway address={advertise}:{http.port} url={http.scheme}://{advertise}:{http.port}", flush=True)
+    return http.serve()

@@ -26,6 +26,8 @@ from stagemesh.errors import CollectiveError
 MAX_RANKS = 32
 HEADER = 2 * MAX_RANKS  # int64 slots: sequence numbers of up to MAX_RANKS ranks, then their pids
 SPINS_BEFORE_YIELD = 64
+SPINS_BEFORE_SLEEP = 1 << 16  # a peer waiting for the leader's next step stops spinning after this many checks
+IDLE_SLEEP = 0.0005  # ... and checks every half millisecond: idle peers must not burn a core each
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 
 
@@ -77,7 +79,7 @@ class ShmCollectives:
             self._header[0] = op
             self._wait(op)  # peers publish after reading: the slot is free for op + 2
             return payload if fits else fallback(payload, size)
-        self._wait_for(0, op)
+        self._wait_for_leader(op)
         size = int(slot[:8].view(torch.int64)[0])
         data = slot[8 : 8 + size].numpy().tobytes() if size >= 0 else None
         self._header[self.rank] = op
@@ -98,6 +100,20 @@ class ShmCollectives:
 
     def _wait_for(self, rank: int, op: int) -> None:
         self._spin(lambda: self._header[rank] >= op, op)
+
+    def _wait_for_leader(self, op: int) -> None:
+        """A peer waits for the next step as long as the leader lives (an idle mesh is not a failure),
+        spinning first (steps come back to back while serving), then sleeping between checks."""
+        spins = 0
+        while self._header[0] < op:
+            spins += 1
+            if spins < SPINS_BEFORE_SLEEP:
+                if spins % SPINS_BEFORE_YIELD == 0:
+                    os.sched_yield()
+                continue
+            time.sleep(IDLE_SLEEP)
+            if spins % 256 == 0 and not _alive(int(self._header[32])):
+                raise RuntimeError(f"tensor-parallel rank 0 (pid {self._header[32]}) is gone")
 
     def _spin(self, done, op: int) -> None:
         spins, deadline = 0, None

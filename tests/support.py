@@ -114,6 +114,7 @@ class MeshProcess:
             raise RuntimeError(f"stagemesh up failed: {line!r}\n{''.join(self.stderr_lines)[-3000:]}")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.gateway, self.coordinator = fields["gateway"], fields["coordinator"]
+        self.http = fields.get("http")  # with --http-port
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
 
     def _drain_stderr(self) -> None:
