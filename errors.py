@@ -36,6 +36,11 @@ class DeadlineExceeded(StagemeshError):
     code = "DEADLINE_EXCEEDED"
 
 
+class CollectiveError(Unavailable):
+    """A collective of a stage's tensor-parallel group failed (a peer is gone, timed out, or out of step):
+    the group cannot compute any more. Only this error means that; a failed step does not."""
+
+
 class Unauthenticated(StagemeshError):
     code = "UNAUTHENTICATED"
 

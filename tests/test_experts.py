@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import expert_imbalance, status_dict
+from stagemesh.coordinator.wire import plan_from_message
 from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.plan import ParallelPlan
 from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc
 from stagemesh.proto.rpc import channel
@@ -57,9 +57,8 @@ def test_concurrent_greedy_equals_transformers(mixtral_mesh, hf_reference):
 
 def test_each_expert_worker_holds_only_its_experts(mixtral_mesh, checkpoint):
     status = cluster_status(mixtral_mesh.coordinator)
-    t = status.topology.plan
     config = ModelConfig.from_dir(checkpoint("mixtral"))
-    plan = ParallelPlan.build(config, t.tp, t.pp, t.ep)
+    plan = plan_from_message(status.topology.plan).parallel
     experts = [w for w in status.workers if w.kind == "expert"]
     assert sorted(w.expert_index for w in experts) == list(range(plan.ep))
     per_expert = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers * 8  # float64
@@ -184,6 +183,7 @@ def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(
     import shutil
 
     from stagemesh.deploy import launcher
+    from stagemesh.deploy.commands import MeshLayout
 
     model = checkpoint("mixtral")
     other = tmp_path / "two-layers"
@@ -198,7 +198,7 @@ def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(
         ]
 
     monkeypatch.setattr(launcher, "worker_commands", misconfigured)
-    layout = launcher.MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
+    layout = MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
     mesh = launcher.LocalMesh(layout)
     try:
         mesh.start(timeout=120)
