@@ -209,6 +209,9 @@ def render(report: dict, console) -> None:
     )
     console.print(_layouts_table(report))
     console.print(f"[bold]recommended[/]: {escape(report['reason'])}", soft_wrap=True)
+    for row in report["layouts"]:
+        for warning in row["warnings"]:
+            console.print(f"  [yellow]warning[/] {_layout(row)}: {escape(warning)}", soft_wrap=True)
     for row in report["infeasible"]:
         console.print(f"  cannot run {_layout(row)}: {escape(row['reason'])}", soft_wrap=True)
     _render_assumptions(report["assumptions"], console)

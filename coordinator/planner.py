@@ -93,6 +93,7 @@ class LayoutEstimate:
     latency_s: float  # between two tokens of one sequence
     throughput: float  # tokens/s over the batch
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds on one micro-batch's path, by part
+    warnings: tuple[str, ...] = ()  # e.g. expert FFNs cheaper than the dispatch round trip (expert_warnings)
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,39 @@ def estimate(cost: LayoutCost) -> LayoutEstimate | Infeasible:
         latency_s=latency,
         throughput=batch / latency,
         breakdown=cost.breakdown(b),
+        warnings=expert_warnings(cost, b),
     )
+
+
+MAX_TOKENS_SEARCHED = 1 << 20  # tokens per step beyond which "EP pays from N tokens" is reported as never
+
+
+def expert_warnings(cost: LayoutCost, b: int) -> tuple[str, ...]:
+    """With expert workers: a warning when one MoE layer's expert FFN, at b tokens per step, costs less
+    than the dispatch + combine round trip it needs, and the tokens per step from which it no longer does."""
+    if not cost.shards.ep:
+        return ()
+    ffn, trip = cost.expert_layer_time(b), cost.dispatch_round_trip(b)
+    if ffn >= trip:
+        return ()
+    pays = next((n for n in _doubling(b) if cost.expert_layer_time(n) >= cost.dispatch_round_trip(n)), None)
+    when = (
+        f"EP pays from about {pays} tokens per step"
+        if pays
+        else "no batch makes it pay (a layer's experts stream in less time than the round trip takes): keep the "
+        "experts in the stages (ep=0) unless they do not fit there"
+    )
+    return (
+        f"one MoE layer's expert FFN costs {ffn * 1e6:.3g} us at {b} tokens per step, less "
+        f"than its dispatch round trip ({trip * 1e6:.3g} us); {when}",
+    )
+
+
+def _doubling(start: int):
+    n = max(1, start)
+    while n <= MAX_TOKENS_SEARCHED:
+        yield n
+        n *= 2
 
 
 @dataclass(frozen=True)
@@ -400,6 +433,12 @@ class LayoutCost:
         dt, tp = self.wl.dtype_bytes, self.shards.tp
         exchange = self.a.message_s + b * self.owners_per_token() * self.shape.hidden * dt / tp / bw
         return self.shards.stage_layers[s] * (2 * exchange + self.expert_layer_time(b))
+
+    def dispatch_round_trip(self, b: int, s: int = 0) -> float:
+        """One MoE layer's dispatch and combine messages from stage s's leader (what _expert_time counts)."""
+        bw = self._link(self._experts_cross_nodes(s))[0]
+        act = b * self.owners_per_token() * self.shape.hidden * self.wl.dtype_bytes / self.shards.tp
+        return 2 * (self.a.message_s + act / bw)
 
     def hop_time(self, s: int, b: int) -> float:
         """Stage s's leader sends b activations to stage s + 1's leader over gRPC."""

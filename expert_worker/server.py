@@ -1,8 +1,11 @@
-"""The expert worker's `Experts` service: decode, one call into the ExpertEngine (off the event loop), encode."""
+"""The expert worker's `Experts` service: decode, one call into the ExpertEngine (off the event loop), encode.
+`Stream` is what stages use (one long-lived stream each, one request per MoE layer); `Compute` is the
+same exchange as a unary call, for tools and tests."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from stagemesh.errors import Unavailable
@@ -21,6 +24,14 @@ class ExpertsServicer(pb_grpc.ExpertsServicer):
 
     @maps_errors
     async def Compute(self, request: pb.ExpertRequest, context) -> pb.ExpertReply:
+        return await self._compute(request)
+
+    @maps_errors
+    async def Stream(self, request_iterator: AsyncIterable[pb.ExpertRequest], context) -> AsyncIterator[pb.ExpertReply]:
+        async for request in request_iterator:
+            yield await self._compute(request)
+
+    async def _compute(self, request: pb.ExpertRequest) -> pb.ExpertReply:
         engine = self.engine
         if engine is None:
             raise Unavailable("expert worker is still loading")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stagemesh.proto import tensor_pb2 as stagemesh_dot_proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/proto/expert.proto\x12\x0cstagemesh.v1\x1a\x1cstagemesh/proto/tensor.proto\"\x95\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12(\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12%\n\x07weights\x18\x04 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\"3\n\x0b\x45xpertReply\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Tensor2L\n\x07\x45xperts\x12\x41\n\x07\x43ompute\x12\x1b.stagemesh.v1.ExpertRequest\x1a\x19.stagemesh.v1.ExpertReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/proto/expert.proto\x12\x0cstagemesh.v1\x1a\x1cstagemesh/proto/tensor.proto\"\x95\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12(\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\x12%\n\x07weights\x18\x04 \x01(\x0b\x32\x14.stagemesh.v1.Tensor\"3\n\x0b\x45xpertReply\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Tensor2\x92\x01\n\x07\x45xperts\x12\x41\n\x07\x43ompute\x12\x1b.stagemesh.v1.ExpertRequest\x1a\x19.stagemesh.v1.ExpertReply\x12\x44\n\x06Stream\x12\x1b.stagemesh.v1.ExpertRequest\x1a\x19.stagemesh.v1.ExpertReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTREQUEST']._serialized_end=226
   _globals['_EXPERTREPLY']._serialized_start=228
   _globals['_EXPERTREPLY']._serialized_end=279
-  _globals['_EXPERTS']._serialized_start=281
-  _globals['_EXPERTS']._serialized_end=357
+  _globals['_EXPERTS']._serialized_start=282
+  _globals['_EXPERTS']._serialized_end=428
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class ExpertsStub:
                 request_serializer=stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_proto_dot_expert__pb2.ExpertReply.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/stagemesh.v1.Experts/Stream',
+                request_serializer=stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_proto_dot_expert__pb2.ExpertReply.FromString,
+                _registered_method=True)
 
 
 class ExpertsServicer:
@@ -52,11 +57,25 @@ class ExpertsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """The same exchange on one long-lived stream: a stage keeps one per expert worker and writes each MoE
+        layer's request into it; one reply per request, in request order. A refused request ends the stream
+        with its status (INVALID_ARGUMENT); the stage opens a new one for its next request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Compute': grpc.unary_unary_rpc_method_handler(
                     servicer.Compute,
+                    request_deserializer=stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.FromString,
+                    response_serializer=stagemesh_dot_proto_dot_expert__pb2.ExpertReply.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
                     request_deserializer=stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.FromString,
                     response_serializer=stagemesh_dot_proto_dot_expert__pb2.ExpertReply.SerializeToString,
             ),
@@ -86,6 +105,33 @@ class Experts:
             request,
             target,
             '/stagemesh.v1.Experts/Compute',
+            stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.SerializeToString,
+            stagemesh_dot_proto_dot_expert__pb2.ExpertReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stagemesh.v1.Experts/Stream',
             stagemesh_dot_proto_dot_expert__pb2.ExpertRequest.SerializeToString,
             stagemesh_dot_proto_dot_expert__pb2.ExpertReply.FromString,
             options,

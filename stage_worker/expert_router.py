@@ -1,7 +1,7 @@
 """Expert parallelism inside a stage: RemoteExperts takes the place of a MoE layer's experts. The stage
 computes the router (gate, top-k) itself; RemoteExperts sends each expert worker only the tokens routed
-to experts it holds (dispatch: one message per involved worker per layer, all in flight at once) and
-adds up the weighted sums they return (combine).
+to experts it holds (dispatch: one message per involved worker per layer, all in flight at once, each on
+the stage's long-lived stream to that worker) and adds up the weighted sums they return (combine).
 
 Replicas: a (token, expert) pair goes to one live owner of that expert, spread over the owners by its
 position; if a call fails, its pairs are sent again to the other owners and nothing is lost. An expert
@@ -31,6 +31,7 @@ from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import channel, error_from_rpc
 from stagemesh.proto.tensor_codec import decode, encode
+from stagemesh.stage_worker.expert_stream import ExpertStream, StreamWatchdog
 from torch import nn
 
 RETRY_AFTER_SECONDS = 5.0  # a worker whose call failed is avoided this long (unless it is the only owner)
@@ -51,26 +52,37 @@ class ExpertDirectory:
 
 
 class ExpertPool:
-    """Blocking gRPC stubs to the expert workers, for the compute thread; remembers recent failures."""
+    """One long-lived stream per expert worker (stage_worker.expert_stream), for the compute thread;
+    remembers recent failures. A broken stream is replaced by a new one on its worker's next request."""
 
     def __init__(self, directory: Callable[[], ExpertDirectory], timeout: float = 10.0) -> None:
         self.directory = directory
         self.timeout = timeout
-        self._stubs: dict[str, pb_grpc.ExpertsStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._streams: dict[str, ExpertStream] = {}
         self._failed_until: dict[int, float] = {}
         self._lock = threading.Lock()
+        self._watchdog: StreamWatchdog | None = None
 
     def usable(self, worker: int) -> bool:
         d = self.directory()
         live = worker < len(d.alive) and d.alive[worker] and bool(d.addresses[worker])
         return live and self._failed_until.get(worker, 0.0) <= time.monotonic()
 
-    def stub(self, worker: int) -> pb_grpc.ExpertsStub:
+    def stream(self, worker: int) -> ExpertStream:
+        """The worker's stream; opened (again) when there is none or it broke."""
         address = self.directory().addresses[worker]
+        current = self._streams.get(address)
+        if current is not None:
+            if not current.broken:
+                return current
+            current.close()
         with self._lock:
-            if address not in self._stubs:
-                self._stubs[address] = pb_grpc.ExpertsStub(channel(address))
-            return self._stubs[address]
+            if address not in self._channels:
+                self._channels[address] = channel(address)
+            self._streams[address] = ExpertStream(pb_grpc.ExpertsStub(self._channels[address]))
+            self._watchdog = self._watchdog or StreamWatchdog(lambda: list(self._streams.values()))
+        return self._streams[address]
 
     def mark_failed(self, worker: int) -> None:
         self._failed_until[worker] = time.monotonic() + RETRY_AFTER_SECONDS
@@ -131,7 +143,7 @@ class RemoteExperts(nn.Module):
                 expert_ids=encode(worker_ids),
                 weights=encode(weights[rows].float()),
             )
-            future = self.pool.stub(worker).Compute.future(request, timeout=self.pool.timeout)
+            future = self.pool.stream(worker).send(request, self.pool.timeout)
             calls.append((worker, rows, worker_ids, future))
         out = torch.zeros_like(x)
         for worker, rows, worker_ids, future in calls:

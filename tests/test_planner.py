@@ -173,6 +173,19 @@ def test_expert_parallelism_exchanges_twice_per_moe_layer():
     assert six["recommended"]["throughput"] > layout(six, 2, 3)["throughput"]
 
 
+def test_the_planner_warns_when_experts_cost_less_than_their_round_trip():
+    """Mixtral-8x7B's expert layer on a slow memory bus (100 GB/s) costs more than a 200 us round trip at
+    batch 1; on a fast one (10 TB/s) it costs less at batch 1 and pays from some larger batch."""
+    slow = run_plan("--model", "Mixtral-8x7B", "--gpus", "4", "--gpu-memory", "80GB", "--hbm-bandwidth", "100GB/s")
+    assert layout(slow, 1, 2, 2)["warnings"] == []
+    fast = run_plan("--model", "Mixtral-8x7B", "--gpus", "4", "--gpu-memory", "80GB", "--hbm-bandwidth", "100TB/s")
+    (warning,) = layout(fast, 1, 2, 2)["warnings"]
+    assert "less than its dispatch round trip" in warning
+    assert layout(fast, 4, 1)["warnings"] == []  # no expert workers, nothing to warn about
+    tokens = int(warning.split("EP pays from about ")[1].split()[0]) if "pays from" in warning else None
+    assert tokens is None or tokens > 1
+
+
 # ---- the model's behaviour ----
 
 
