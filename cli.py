@@ -216,9 +216,9 @@ def _serve(coro) -> None:
 @click.option(
     "--heartbeat-timeout",
     type=float,
-    default=5.0,
+    default=3.0,
     show_default=True,
-    help="Seconds of silence before a worker is marked down.",
+    help="Seconds of silence before a worker is declared dead (its role goes to a spare).",
 )
 @security_options
 def coordinator_command(
@@ -422,6 +422,8 @@ def gateway_command(
 )
 @click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
 @click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
+@click.option("--spares", type=int, default=0, show_default=True, help="Spare stage workers (take a lost role).")
+@click.option("--expert-spares", type=int, default=0, show_default=True, help="Spare expert workers.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
 @security_options
@@ -442,6 +444,8 @@ def up_command(
     max_queue,
     max_running,
     metrics_port,
+    spares,
+    expert_spares,
     host,
     port,
 ) -> None:
@@ -472,11 +476,15 @@ def up_command(
             max_queue=max_queue,
             max_running=max_running,
             metrics_port=metrics_port,
+            spares=spares,
+            expert_spares=expert_spares,
         )
     )
 
 
 _LAYOUT_PARAMS = (
+    "spares",
+    "expert_spares",
     "model_dir",
     "tp",
     "pp",

@@ -63,12 +63,14 @@ class CoordinatorClient:
         except grpc.aio.AioRpcError as e:
             raise _describe(self.address, e) from None
 
-    async def register(self, request: pb.RegisterRequest, timeout: float) -> pb.Assignment:
+    async def register(self, request: pb.RegisterRequest, timeout: float | None) -> pb.Assignment:
+        """A spare's call returns only when it is given a role: timeout None waits as long as it takes."""
         request.hostname = request.hostname or socket.gethostname()
         return await self.call("Register", request, timeout=timeout)
 
-    async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 1.0):
-        """Runs forever; a NOT_FOUND reply (the coordinator forgot us) ends it with an error."""
+    async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 0.5):
+        """Runs forever; NOT_FOUND (the coordinator forgot us) or FAILED_PRECONDITION (we were declared dead
+        and lost our role) ends it with an error: the process exits and may be restarted as a spare."""
         while True:
             try:
                 reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
@@ -76,7 +78,7 @@ class CoordinatorClient:
             except Unavailable as e:
                 log.warning("%s", e)
             except StagemeshError as e:
-                if e.code == "NOT_FOUND":
+                if e.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
                     raise
                 log.warning("heartbeat: %s", e)
             await asyncio.sleep(interval)

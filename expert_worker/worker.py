@@ -57,7 +57,7 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     )
     if opts.expert_worker_index is not None:
         request.expert_index = opts.expert_worker_index
-    assignment = await client.register(request, timeout=opts.connect_timeout)
+    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
     plan = assignment.plan
     expert_ids = list(plan.expert_groups[assignment.expert_index].expert_ids)
     log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)
