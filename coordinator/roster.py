@@ -259,9 +259,6 @@ class Roster:
 
     def _derive_topology(self) -> Topology:
         holders = {role: self._holder(role) for role in self.roles()}
-        unfilled = [r for r, h in holders.items() if h is None or h.state == "registered"]
-        waiting = [r for r in unfilled if r not in self.lost and r not in self.taking_over]
-        waiting = [_describe_role(r) for r in waiting]
         experts = [holders[(EXPERT, e)] for e in range(self.plan.ep)]
         alive = tuple(w is not None and w.state == "ready" for w in experts)
         uncovered = [
@@ -269,10 +266,14 @@ class Roster:
             for x in range(self.config.num_local_experts)
             if self.plan.ep and not any(alive[w] for w in self.plan.expert_owners(x))
         ]
+        replaced = {r for r in self.lost if r[0] == EXPERT and not uncovered}  # live replicas cover them
+        unfilled = [r for r, h in holders.items() if (h is None or h.state == "registered") and r not in replaced]
+        waiting = [r for r in unfilled if r not in self.lost and r not in self.taking_over]
+        waiting = [_describe_role(r) for r in waiting]
         lost = [r for r in self.roles() if r in self.lost and (r[0] == STAGE or uncovered)]  # replicas cover the rest
         spare_kinds = [s.kind for s in self.spares.values()]
         uncovered_lost = [r for r in lost if spare_kinds.count(r[0]) < sum(x[0] == r[0] for x in lost)]
-        ready = not waiting and not lost and not uncovered
+        ready = not unfilled and not lost and not uncovered
         reason, recovering = "", False
         if waiting:
             reason = f"waiting for {', '.join(waiting)}"
