@@ -188,3 +188,27 @@ def _start_worker(mesh: MeshProcess):
     argv = [sys.executable, "-m", "stagemesh.cli", "stage-worker", "--coordinator", mesh.coordinator]
     argv += ["--threads", "1", "--kv-memory", "32MiB"]
     return subprocess.Popen(argv, env=child_env(), stdout=subprocess.DEVNULL)
+
+
+def test_a_killed_expert_worker_without_replica_is_replaced_by_an_expert_spare(checkpoint):
+    mesh = MeshProcess(checkpoint("mixtral"), "--ep", "2", "--expert-spares", "1", *ARGS)
+    try:
+        _wait_spares(mesh, 1)
+        requests = _greedy(4)
+        expected = _reference(mesh.gateway, requests)
+        _assert_exact(_kill_mid_stream(mesh, "expert worker 0", requests), expected)
+    finally:
+        mesh.stop()
+
+
+def test_tp2_pp2_a_killed_rank_is_replaced_and_every_stream_continues_exactly(checkpoint):
+    """A broken TP group is not repaired in place: the stage's surviving rank leaves too, and two spares
+    take the stage's two roles (see docs/reliability.md)."""
+    mesh = MeshProcess(checkpoint("llama"), "--tp", "2", "--pp", "2", "--spares", "2", *ARGS)
+    try:
+        _wait_spares(mesh, 2)
+        requests = _greedy(16)
+        expected = _reference(mesh.gateway, requests)
+        _assert_exact(_kill_mid_stream(mesh, "stage 1 rank 1", requests), expected)
+    finally:
+        mesh.stop()
