@@ -104,3 +104,23 @@ def cluster_status(address: str, timeout: float = 5.0) -> pb.ClusterStatus:
             return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise _describe(address, e) from None
+
+
+def cluster_events(address: str, timeout: float = 5.0) -> list[dict]:
+    """Blocking Events call for coordctl: oldest first, times as ISO 8601 (UTC)."""
+    from datetime import datetime, timezone
+
+    with channel(address) as ch:
+        try:
+            reply = pb_grpc.CoordinatorStub(ch).Events(pb.EventsRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise _describe(address, e) from None
+    return [
+        {
+            "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(timespec="milliseconds"),
+            "epoch": e.epoch,
+            "kind": e.kind,
+            "detail": e.detail,
+        }
+        for e in reply.events
+    ]

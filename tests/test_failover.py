@@ -69,10 +69,11 @@ def _reference(gateway: str, requests: list[GenerationParams]) -> list[list[int]
 
 
 def _wait_spares(mesh: MeshProcess, count: int, timeout: float = 60) -> None:
+    """Until `coordctl status` lists `count` spares."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = cluster_status(mesh.coordinator)
-        if len(status.spares) >= count and status.topology.ready:
+        status = _coordctl("status", "--coordinator", mesh.coordinator, "--json")
+        if len(status["spares"]) >= count and status["ready"]:
             return
         time.sleep(0.2)
     raise AssertionError(f"{count} spares did not register")
@@ -131,6 +132,22 @@ def test_killed_stage_workers_are_replaced_and_every_stream_continues_exactly(pp
     status = cluster_status(mesh.coordinator)
     assert status.topology.ready and not status.spares
     assert _reference(mesh.gateway, requests[:2]) == expected[:2]
+    events = _coordctl("events", "--coordinator", mesh.coordinator, "--json")
+    dead = [e for e in events if e["kind"] == "dead"]
+    assert [e["detail"].split(" at ")[0] for e in dead] == ["stage 1 rank 0", "stage 0 rank 0"]
+    assert "no heartbeat" in dead[0]["detail"]
+    assert len([e for e in events if e["kind"] == "takeover"]) == 2
+
+
+def _coordctl(*args: str):
+    import json
+
+    from click.testing import CliRunner
+    from stagemesh.coordinator.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code in (0, 1), result.output  # status: 1 = not fully serving
+    return json.loads(result.output)
 
 
 def test_seeded_sampling_across_a_failure_equals_the_failure_free_run(checkpoint):
