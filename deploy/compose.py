@@ -30,6 +30,7 @@ SHARED_FLAGS = {
     "--max-queue": "MAX_QUEUE",
     "--max-running": "MAX_RUNNING",
     "--metrics-port": "GATEWAY_METRICS_PORT",
+    "--http-port": "GATEWAY_HTTP_PORT",
 }
 
 

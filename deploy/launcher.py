@@ -1,8 +1,7 @@
 """`stagemesh up`: the whole mesh as real subprocesses on this host — coordinator, tp*pp stage workers,
 expert workers, gateway — started in order, watched, and stopped together (no orphans, ports released).
 
-The command builders here are the only copy of the services' flag lists: `deploy/cluster.py` builds the
-compose services (and `stagemesh up --config`) from them too.
+The command lines come from deploy.commands, like the compose services' (deploy.cluster).
 """
 
 from __future__ import annotations
@@ -17,35 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
+from stagemesh.deploy.commands import (
+    MeshLayout,
+    coordinator_command,
+    gateway_command,
+    spare_commands,
+    worker_commands,
+)
 from stagemesh.errors import Unavailable
-
-
-@dataclass(frozen=True)
-class MeshLayout:
-    model_dir: str
-    tp: int = 1
-    pp: int = 1
-    ep: int = 0
-    layers: str | None = None
-    expert_placement: str = "contiguous"
-    expert_replicas: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None  # torch threads per worker; default: cores / workers
-    kv_memory: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 0  # gateway port
-    coordinator_port: int = 0
-    max_step_tokens: int = 512
-    max_queue: int = 256
-    max_running: int = 256
-    metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
-    spares: int = 0  # stage workers beyond the plan: each waits to take a lost stage role
-    expert_spares: int = 0  # the same for expert workers
-
-    @property
-    def workers(self) -> int:
-        return self.tp * self.pp + self.ep
 
 
 @dataclass
@@ -54,124 +33,8 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     address: str = ""
+    http: str = ""  # the gateway's HTTP API, when it serves one
     lines: list[str] = field(default_factory=list)
-
-
-def _device(layout: MeshLayout, index: int) -> str:
-    if layout.device != "cuda":
-        return layout.device
-    import torch
-
-    return f"cuda:{index % max(1, torch.cuda.device_count())}"
-
-
-@dataclass(frozen=True)
-class WorkerSite:
-    """Where one worker runs: its device, the address it listens on, and the address others dial."""
-
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise: str | None = None  # default: --host
-    dist_port: int | None = None  # TP rank 0's rendezvous store port; None = the worker's default (a free one)
-
-
-def _site_flags(site: WorkerSite) -> list[str]:
-    flags = ["--host", site.host, "--port", str(site.port)]
-    return flags + (["--advertise", site.advertise] if site.advertise else [])
-
-
-def stage_worker_command(
-    layout: MeshLayout, coordinator: str, stage: int | None, rank: int | None, site: WorkerSite, threads: int | None
-) -> list[str]:
-    """stage None: a worker that takes the next free role, or waits as a spare."""
-    argv = ["stage-worker", "--coordinator", coordinator, *_site_flags(site)]
-    argv += ["--threads", str(threads)] if threads else []
-    argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
-    argv += ["--device", site.device]
-    argv += ["--stage", str(stage), "--tp-rank", str(rank)] if stage is not None else []
-    return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
-
-
-def expert_worker_command(
-    layout: MeshLayout, coordinator: str, index: int | None, site: WorkerSite, threads: int | None
-) -> list[str]:
-    """index None: a worker that takes the next free role, or waits as a spare."""
-    argv = ["expert-worker", "--coordinator", coordinator, *_site_flags(site)]
-    argv += ["--threads", str(threads)] if threads else []
-    return argv + ["--device", site.device] + (["--expert-worker-index", str(index)] if index is not None else [])
-
-
-def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
-    threads = layout.threads or max(1, (os.cpu_count() or 1) // max(1, layout.workers))
-    commands = []
-    for s in range(layout.pp):
-        for r in range(layout.tp):
-            site = WorkerSite(_device(layout, s * layout.tp + r), layout.host)
-            argv = stage_worker_command(layout, coordinator, s, r, site, threads)
-            commands.append((f"stage-worker stage={s} rank={r}", argv))
-    for e in range(layout.ep):
-        site = WorkerSite(_device(layout, layout.tp * layout.pp + e), layout.host)
-        commands.append((f"expert-worker index={e}", expert_worker_command(layout, coordinator, e, site, threads)))
-    return commands
-
-
-def spare_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
-    """Workers beyond the plan: no role asked for, so each waits as a spare for a lost one."""
-    threads = layout.threads or max(1, (os.cpu_count() or 1) // max(1, layout.workers))
-    site = WorkerSite(_device(layout, 0), layout.host)
-    stage = [stage_worker_command(layout, coordinator, None, None, site, threads) for _ in range(layout.spares)]
-    expert = [expert_worker_command(layout, coordinator, None, site, threads) for _ in range(layout.expert_spares)]
-    named = [(f"stage-worker spare={i}", argv) for i, argv in enumerate(stage)]
-    return named + [(f"expert-worker spare={i}", argv) for i, argv in enumerate(expert)]
-
-
-def coordinator_command(layout: MeshLayout) -> list[str]:
-    argv = [
-        "coordinator",
-        "--model",
-        layout.model_dir,
-        "--tp",
-        str(layout.tp),
-        "--pp",
-        str(layout.pp),
-        "--dtype",
-        layout.dtype,
-        "--host",
-        layout.host,
-        "--port",
-        str(layout.coordinator_port),
-    ]
-    if layout.layers:
-        argv += ["--layers", layout.layers]
-    if layout.ep:
-        argv += ["--ep", str(layout.ep), "--expert-placement", layout.expert_placement]
-        if layout.expert_replicas:
-            argv += ["--expert-replicas", layout.expert_replicas]
-    return argv
-
-
-def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None = None) -> list[str]:
-    argv = [
-        "gateway",
-        "--coordinator",
-        coordinator,
-        "--host",
-        layout.host,
-        "--port",
-        str(layout.port),
-        "--max-step-tokens",
-        str(layout.max_step_tokens),
-        "--max-queue",
-        str(layout.max_queue),
-        "--max-running",
-        str(layout.max_running),
-    ]
-    if advertise:
-        argv += ["--advertise", advertise]
-    if layout.metrics_port is not None:
-        argv += ["--metrics-port", str(layout.metrics_port)]
-    return argv
 
 
 def _die_with_parent() -> None:
@@ -188,6 +51,7 @@ class LocalMesh:
         self.children: list[Child] = []
         self.log = log
         self.coordinator = self.gateway = ""
+        self.http = ""  # HOST:PORT of the gateway's HTTP API, when it serves one
         self._stopping = False
         self.interrupted = False  # set by run_mesh's SIGINT/SIGTERM handler; startup gives up when it is
 
@@ -200,6 +64,7 @@ class LocalMesh:
         for name, argv in worker_commands(layout, self.coordinator):
             self._spawn(name, argv, deadline=None)
         self.gateway = self._spawn("gateway", gateway_command(layout, self.coordinator), deadline)
+        self.http = self.children[-1].http
         self._wait_serving(deadline)
         for name, argv in spare_commands(layout, self.coordinator):  # after the roles are taken
             self._spawn(name, argv, deadline=None)
@@ -207,20 +72,9 @@ class LocalMesh:
 
     def _check_plan(self) -> None:
         """Refuses a bad plan before any process starts."""
-        from stagemesh.coordinator.server import CoordinatorOptions, build_roster
+        from stagemesh.models.config import ModelConfig
 
-        layout = self.layout
-        build_roster(
-            CoordinatorOptions(
-                layout.model_dir,
-                layout.tp,
-                layout.pp,
-                layout.ep,
-                layout.layers,
-                layout.expert_placement,
-                layout.expert_replicas,
-            )
-        )
+        self.layout.parallel_plan(ModelConfig.from_dir(self.layout.model_dir))
 
     def _spawn(self, name: str, argv: list[str], deadline: float | None, env: dict[str, str] | None = None) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
@@ -248,6 +102,8 @@ class LocalMesh:
     def _drain(self, child: Child, ready: threading.Event) -> None:
         for line in child.proc.stdout:
             child.lines.append(line)
+            if line.startswith("http ") and "address=" in line:
+                child.http = line.split("address=", 1)[1].split()[0]
             if line.startswith("ready ") and "address=" in line:
                 child.address = line.split("address=", 1)[1].split()[0]
                 ready.set()
@@ -314,13 +170,13 @@ class ServiceMesh(LocalMesh):
             if service.role == "coordinator":
                 self.coordinator = address
             elif service.role == "gateway":
-                self.gateway = address
+                self.gateway, self.http = address, self.children[-1].http
         self._wait_serving(deadline)
         threading.Thread(target=self._watch, daemon=True).start()
 
 
 def run_mesh(mesh: LocalMesh) -> None:
-    """Starts the mesh, prints `ready gateway=... coordinator=...`, serves until SIGINT/SIGTERM."""
+    """Starts the mesh, prints `ready gateway=... coordinator=...[ http=...]`, serves until SIGINT/SIGTERM."""
 
     def interrupt(*_) -> None:  # only a plain assignment: a handler taking a lock can deadlock the main thread
         mesh.interrupted = True
@@ -329,7 +185,8 @@ def run_mesh(mesh: LocalMesh) -> None:
         signal.signal(sig, interrupt)
     try:
         mesh.start()
-        print(f"ready gateway={mesh.gateway} coordinator={mesh.coordinator}", flush=True)
+        http = f" http={mesh.http}" if mesh.http else ""
+        print(f"ready gateway={mesh.gateway} coordinator={mesh.coordinator}{http}", flush=True)
         while not mesh.interrupted:
             time.sleep(0.2)
     finally:
@@ -342,7 +199,5 @@ def run_up(layout: MeshLayout) -> None:
 
 def run_cluster_up(config: str) -> None:
     """`stagemesh up --config FILE`: every host of the description on this machine (see cluster.localize)."""
-    from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
-
     cluster = resolve_paths(localize(load_cluster(config)), Path(config).parent)
     run_mesh(ServiceMesh(cluster.layout(), services(cluster)))

@@ -8,12 +8,12 @@ import logging
 from collections.abc import Callable
 
 import grpc
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.errors import StagemeshError, Unavailable, error_for_code
 from stagemesh.gateway.scheduler import PlannedStep
 from stagemesh.models.requests import SampledToken
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel
+from stagemesh.proto.rpc import aio_channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.gateway")
 
@@ -25,9 +25,11 @@ class PipelineLink:
         epoch: int,
         on_result: Callable[[int, dict[int, SampledToken], list[tuple[int, float]]], None],
         on_failure: Callable[[StagemeshError], None],
+        on_step_failure: Callable[[int, StagemeshError], None] | None = None,
     ) -> None:
         self.address, self.epoch = address, epoch
         self.on_result, self.on_failure = on_result, on_failure
+        self.on_step_failure = on_step_failure  # one step failed on a stage that keeps serving
         self._queue: asyncio.Queue[pb.Step] = asyncio.Queue()
         self._channel = aio_channel(address)
         self._call = pb_grpc.StageStub(self._channel).Forward()
@@ -47,14 +49,14 @@ class PipelineLink:
     async def _read(self) -> None:
         try:
             async for result in self._call:
+                if result.HasField("failure") and self.on_step_failure is not None:
+                    self.on_step_failure(result.step_id, error_for_code(result.failure.code, result.failure.message))
+                    continue
                 tokens = {t.seq_id: sampled_token(t) for t in result.tokens}
                 self.on_result(result.step_id, tokens, [(t.stage, t.busy_seconds) for t in result.timings])
             error = Unavailable(f"stage 0 at {self.address} closed the stream")
         except grpc.aio.AioRpcError as e:
-            error = Unavailable(f"pipeline failed: {e.details()}")
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                error = StagemeshError(f"pipeline failed ({e.code().name}): {e.details()}")
-                error.code = e.code().name
+            error = error_from_rpc(e, f"pipeline (stage 0 at {self.address})")
         if not self._closed:
             log.warning("%s", error)
             self.on_failure(error)

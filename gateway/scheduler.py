@@ -234,6 +234,20 @@ class Scheduler:
                 self._retire(seq)
         self._schedule()
 
+    def on_step_failure(self, step_id: int, error: StagemeshError) -> None:
+        """A step failed on a stage that keeps serving (e.g. out of memory): its sequences end with `error`
+        and free their KV; every other sequence goes on."""
+        for seq_id in self.inflight.pop(step_id, []):
+            seq = self.running.get(seq_id)
+            if seq is None:
+                continue
+            seq.inflight = False
+            if seq.done:
+                self._retire(seq)
+            else:
+                self._finish(seq, "error", error)
+        self._schedule()
+
     def _append(self, seq: Sequence, token: SampledToken) -> None:
         now = self.clock()
         seq.tokens.append(token.token_id)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.roster import Topology
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.gateway.chat_template import ChatTemplate
 from stagemesh.gateway.metrics import GatewayMetrics
 from stagemesh.gateway.pipeline import PipelineLink
 from stagemesh.gateway.scheduler import Scheduler, SchedulerLimits
@@ -39,6 +41,8 @@ class GatewayOptions:
     limits: SchedulerLimits = SchedulerLimits()
     connect_timeout: float = 30.0
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = a free one); None = off
+    served_model_name: str | None = None  # the model's name on the HTTP API; None = the plan's model path
     # A broken stream with no change of topology this long after is not a lost worker (the coordinator
     # declares those within its heartbeat timeout, 3 s by default): the requests fail and a fresh stream opens.
     failure_grace: float = 6.0
@@ -52,13 +56,15 @@ class Gateway:
         self.opts, self.scheduler, self.client, self.health = opts, scheduler, client, health
         self.metrics = GatewayMetrics(scheduler)
         scheduler.observer = self.metrics
-        self.topology: cpb.Topology | None = None
+        self.topology: Topology | None = None
         self.config: ModelConfig | None = None
         self.codec: TextCodec | None = None
+        self.chat_template: ChatTemplate | None = None
         self.link: PipelineLink | None = None
         self.address = ""
         self._suspensions = 0
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
+        self._tasks: set[asyncio.Task] = set()  # referenced until done: the loop keeps only weak references
 
     # ---- topology ----
 
@@ -74,20 +80,27 @@ class Gateway:
             elif not topology.ready:
                 self.scheduler.not_ready = topology.reason
 
-    async def _attach(self, t: cpb.Topology) -> None:
+    async def _attach(self, t: Topology) -> None:
         if self.link is not None:
             await self._suspend(f"the pipeline changed (epoch {t.pipeline_epoch})")
-        model_dir = self.opts.model_dir or t.plan.model_dir
+        plan = t.plan
+        model_dir = self.opts.model_dir or plan.spec.model_dir
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
-        link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, None, self._on_failure)
+            self.chat_template = ChatTemplate.from_dir(model_dir)
+        link = PipelineLink(
+            t.stage_addresses[0], t.pipeline_epoch, None, self._on_failure, self.scheduler.on_step_failure
+        )
         link.on_result = lambda step_id, tokens, timings: self._on_result(link, step_id, tokens, timings)
         self.link = link
-        kv = BlockAllocator(t.kv_blocks, t.plan.block_size)
-        max_context = min(t.plan.max_model_len, kv.capacity_tokens)
+        kv = BlockAllocator(t.kv_blocks, plan.spec.block_size)
+        # The model's context bounds a request (INVALID_ARGUMENT beyond it); the KV cache only decides when it
+        # runs: it waits for free blocks, or is RESOURCE_EXHAUSTED if the whole cache could never hold it.
+        c = self.config
+        args = (plan.parallel.pp, c.vocab_size, plan.spec.max_model_len, c.eos_token_ids)
         replayed = self.scheduler.replayed_tokens
-        self.scheduler.attach(self.link, kv, t.plan.pp, self.config.vocab_size, max_context, self.config.eos_token_ids)
+        self.scheduler.attach(self.link, kv, *args)
         await set_serving(self.health, [SERVICE], True)
         log.info("attached to the mesh at pipeline epoch %d (%d KV blocks)", t.pipeline_epoch, t.kv_blocks)
         if self.scheduler.replayed_tokens > replayed:
@@ -101,7 +114,7 @@ class Gateway:
         if not self.scheduler.suspended:
             log.warning("holding requests: %s", reason)
             self._suspensions += 1
-            asyncio.ensure_future(self._give_up_after(self.opts.recovery_timeout, reason, self._suspensions))
+            self._spawn(self._give_up_after(self.opts.recovery_timeout, reason, self._suspensions))
         self.scheduler.suspend(reason)
 
     async def _give_up_after(self, seconds: float, reason: str, suspension: int) -> None:
@@ -122,7 +135,17 @@ class Gateway:
             self.scheduler.on_result(step_id, tokens)
 
     def _on_failure(self, error: StagemeshError) -> None:
-        asyncio.ensure_future(self._recover(self.link, error))
+        self._spawn(self._recover(self.link, error))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def _recover(self, failed: PipelineLink | None, error: StagemeshError) -> None:
         """A broken stream: if it was UNAVAILABLE, hold the requests and wait for the coordinator to
@@ -174,19 +197,19 @@ class Gateway:
     def model_info(self) -> pb.ModelInfoResponse:
         if self.topology is None or self.config is None:
             raise Unavailable(f"not ready: {self.scheduler.not_ready}")
-        plan, c = self.topology.plan, self.config
+        plan, p, c = self.topology.plan, self.topology.plan.parallel, self.config
         return pb.ModelInfoResponse(
             model_type=c.model_type,
-            architecture=_architecture(plan.model_dir, self.opts.model_dir),
+            architecture=_architecture(plan.spec.model_dir, self.opts.model_dir),
             vocab_size=c.vocab_size,
             max_context=self.scheduler.max_context,
             num_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
-            tp=plan.tp,
-            pp=plan.pp,
-            ep=plan.ep,
-            stage_layers=[f"{r.first}-{r.end - 1}" for r in plan.stages],
-            dtype=plan.dtype,
+            tp=p.tp,
+            pp=p.pp,
+            ep=p.ep,
+            stage_layers=[s.describe() for s in p.stages],
+            dtype=plan.spec.dtype,
             kv_capacity_tokens=self.scheduler.kv.capacity_tokens if self.scheduler.kv else 0,
             has_tokenizer=self.codec is not None,
             eos_token_ids=c.eos_token_ids,
@@ -216,6 +239,20 @@ async def run_gateway(opts: GatewayOptions) -> None:
             opts.host,
             serve_metrics(gateway.metrics.registry, opts.host, opts.metrics_port),
         )
+    background = [gateway.follow(), gateway.report()]
+    if opts.http_port is not None:
+        background.append(_start_http(opts, scheduler, gateway, advertise))
     await server.start()
     await set_serving(health, [SERVICE], False)
-    await run_service("gateway", gateway.address, server, background=[gateway.follow(), gateway.report()])
+    await run_service("gateway", gateway.address, server, background=background)
+
+
+def _start_http(opts: GatewayOptions, scheduler: Scheduler, gateway: Gateway, advertise: str):
+    """Binds the HTTP API now and announces `http gateway address=HOST:PORT` (before the ready line, so
+    launchers have it when they see that); returns the coroutine that serves it."""
+    from stagemesh.gateway.http import http_server
+    from stagemesh.gateway.openai_serving import OpenAIServing
+
+    http = http_server(OpenAIServing(scheduler, gateway, opts.served_model_name), gateway, opts.host, opts.http_port)
+    print(f"http gateway address={advertise}:{http.port} url={http.scheme}://{advertise}:{http.port}", flush=True)
+    return http.serve()

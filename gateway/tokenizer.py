@@ -25,11 +25,16 @@ class TextCodec:
 
         return cls(Tokenizer.from_file(str(file)))
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for a rendered chat template, which carries its own (as transformers)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (how logprobs name their tokens)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)

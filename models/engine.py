@@ -9,21 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from stagemesh.errors import InvalidArgument
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.blocks import BlockAllocator
 from stagemesh.models.loader import build_model
 from stagemesh.models.requests import GenerationRequest, SampledToken, finish_reason
 from stagemesh.models.runner import ModelRunner
 from stagemesh.models.sampling import sample
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise InvalidArgument(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass

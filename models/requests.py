@@ -47,6 +47,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop tokens do not end the sequence before this many tokens
 
     def validate(self, vocab_size: int, max_context: int) -> None:
         """Raises InvalidArgument naming the field that cannot be served."""
@@ -54,6 +55,8 @@ class GenerationRequest:
             raise InvalidArgument("prompt is empty")
         if self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidArgument(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if len(self.prompt_ids) >= max_context:
             raise InvalidArgument(f"prompt has {len(self.prompt_ids)} tokens; the context is {max_context}")
         if len(self.prompt_ids) + self.max_tokens > max_context:
@@ -69,6 +72,8 @@ def finish_reason(
     token: int, generated: int, req: GenerationRequest, eos_ids: tuple[int, ...], room: int
 ) -> str | None:
     """Why a sequence ends after emitting `token` as its `generated`-th token, or None to go on."""
+    if generated < req.min_tokens:
+        return "length" if room <= 0 else None
     if token in req.stop_token_ids:
         return "stop"
     if not req.ignore_eos and token in eos_ids:
@@ -76,3 +81,14 @@ def finish_reason(
     if generated >= req.max_tokens or room <= 0:
         return "length"
     return None
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request asking for n samples (OpenAI's `n`): sample 0 keeps the
+    request's seed, the others get their own 63-bit seeds, so the n samples differ and each reproduces."""
+    if index == 0:
+        return seed
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -8,12 +8,17 @@ Logprobs are those of the model's own distribution (log-softmax of the raw logit
 from __future__ import annotations
 
 import torch
+from stagemesh.errors import FailedPrecondition
 from stagemesh.models.requests import SampledToken, SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], draw_index: list[int]) -> list[SampledToken]:
     """logits (S, V), one row per sequence; draw_index[i] = how many tokens sequence i has generated."""
     logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    if not torch.isfinite(logits).all():
+        raise FailedPrecondition(
+            "the logits are not finite (NaN or infinity): the activations overflowed, no token can be chosen"
+        )
     chosen = logits.argmax(dim=-1)  # (S,) greedy choice for every row; sampled rows overwrite theirs
     for i, p in enumerate(params):
         if not p.greedy:

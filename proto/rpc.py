@@ -1,5 +1,6 @@
 """gRPC plumbing every service shares: servers with health checking and reflection, channels with
-explicit message limits, and the one place domain errors become gRPC statuses."""
+explicit message limits, and the one place each way between domain errors and gRPC statuses
+(`maps_errors` on the serving side, `error_from_rpc` on the calling side)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import os
 import signal
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stagemesh.errors import StagemeshError
+from stagemesh.errors import InvalidArgument, StagemeshError, error_for_code
 from stagemesh.proto import security
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,12 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 def status_code(error: StagemeshError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def error_from_rpc(e: grpc.RpcError, where: str) -> StagemeshError:
+    """A failed call as the errors.py class its status names; `where` says who failed ("stage 1 at
+    host:port", "coordinator at host:port") and leads the message."""
+    return error_for_code(e.code().name, f"{where}: {e.details()}")
 
 
 def maps_errors(method):
@@ -58,13 +66,88 @@ def maps_errors(method):
     return unary
 
 
+class _Malformed:
+    """What a request that did not parse becomes, so the handler can refuse it with INVALID_ARGUMENT."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.message = f"the request is not a valid protobuf message: {error}"
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request type get INVALID_ARGUMENT with the parser's reason
+    (left to gRPC they end as UNKNOWN, or in a stream as whatever the handler makes of the exception).
+    A malformed message inside a request stream raises InvalidArgument from the stream's iterator."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Malformed(e)
+
+        kind = (
+            ("stream" if handler.request_streaming else "unary")
+            + "_"
+            + ("stream" if handler.response_streaming else "unary")
+        )
+        behaviour = getattr(handler, kind)
+        return handler._replace(
+            request_deserializer=deserialize, **{kind: _refusing_malformed(behaviour, handler.request_streaming)}
+        )
+
+
+def _refusing_malformed(behaviour, request_streaming: bool):
+    if request_streaming:
+
+        async def requests(iterator):
+            async for request in iterator:
+                if isinstance(request, _Malformed):
+                    raise InvalidArgument(request.message)
+                yield request
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream_in_gen(iterator, context):
+                async for item in behaviour(requests(iterator), context):
+                    yield item
+
+            return stream_in_gen
+
+        async def stream_in(iterator, context):
+            return await behaviour(requests(iterator), context)
+
+        return stream_in
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def unary_in_gen(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            async for item in behaviour(request, context):
+                yield item
+
+        return unary_in_gen
+
+    async def unary_in(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behaviour(request, context)
+
+    return unary_in
+
+
 def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health checking and, when tokens are configured, the token check (public = the
     gateway's API, which wants the client token; every other server wants the cluster token)."""
     check = security.server_token_check(security.current(), public)
-    server = grpc.aio.server(options=message_options(max_message_bytes), interceptors=[check] if check else [])
+    interceptors = [check, MalformedRequests()] if check else [MalformedRequests()]
+    server = grpc.aio.server(options=message_options(max_message_bytes), interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer

@@ -45,7 +45,8 @@ class StageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Forward(self, request_iterator, context):
-        """Steps in order; results come back in the same order. Several steps may be in flight.
+        """Steps in order; results come back in the same order (a failed step's may come early). Several steps
+        may be in flight.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,8 +44,7 @@ class SequenceTable:
 
     def apply(self, seqs: list[SeqRequest], release: list[int]) -> list[SeqChunk]:
         """Forgets `release`, then checks and records `seqs`; returns the chunks to compute."""
-        for seq_id in release:
-            self._seqs.pop(seq_id, None)
+        self.release(release)
         chunks, updates = [], {}
         for s in seqs:
             if s.seq_id in updates:
@@ -55,6 +54,10 @@ class SequenceTable:
             updates[s.seq_id] = _Entry(table, s.start_pos + s.num_tokens)
         self._seqs.update(updates)
         return chunks
+
+    def release(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self._seqs.pop(seq_id, None)
 
     def _check(self, s: SeqRequest) -> tuple[int, ...]:
         if s.num_tokens < 1:

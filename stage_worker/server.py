@@ -18,7 +18,7 @@ from stagemesh.models.batch import SeqChunk
 from stagemesh.models.requests import SampledToken, SamplingParams
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel, status_code
+from stagemesh.proto.rpc import aio_channel, error_from_rpc, status_code
 from stagemesh.proto.tensor_codec import decode, encode
 from stagemesh.stage_worker.engine import StepWork
 from stagemesh.stage_worker.sequences import SeqRequest, SequenceTable
@@ -55,6 +55,7 @@ class ForwardLink:
         self.downstream = None
         self._channel = None
         self._busy: dict[int, float] = {}  # step_id -> this stage's compute seconds, added to results going up
+        self._writing = asyncio.Lock()  # results go up from the step loop and the relay
         runtime.links.add(self)
 
     async def run(self, requests) -> StagemeshError | None:
@@ -74,13 +75,14 @@ class ForwardLink:
         except StagemeshError as e:
             return e
         except grpc.aio.AioRpcError as e:
-            return self._downstream_error(e)
+            return error_from_rpc(e, f"stage {self.runtime.stage + 1}")
         except Exception as e:  # a bug: report it on this stream, keep serving others
             log.exception("step failed")
             return StagemeshError(f"stage {self.runtime.stage} failed: {e}")
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # no write may be pending when the stream ends
 
     async def _steps(self, requests) -> None:
         async for step in requests:
@@ -98,17 +100,44 @@ class ForwardLink:
             work = step_work(step, chunks, runtime.engine.is_first)
             runtime.engine.check(work)
             payload = resolved_step(step, chunks).SerializeToString() if runtime.group else None
-            out = await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.compute, payload, work)
+            try:
+                out = await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.compute, payload, work)
+            except StagemeshError as e:
+                if runtime.broken:
+                    raise
+                await self._fail(step, chunks, e)
+                return
         else:  # only releases: nothing to compute, but the next stages must forget them too
             out = [] if runtime.engine.is_last else torch.empty(0, runtime.hidden_size, dtype=runtime.dtype)
         busy = time.perf_counter() - start
         if runtime.engine.is_last:
             timing = pb.StageTiming(stage=runtime.stage, busy_seconds=busy)
-            await self.write(pb.StepResult(step_id=step.step_id, tokens=token_messages(chunks, out), timings=[timing]))
+            await self._send_up(
+                pb.StepResult(step_id=step.step_id, tokens=token_messages(chunks, out), timings=[timing])
+            )
             return
         self._busy[step.step_id] = busy
         down = pb.Step(step_id=step.step_id, epoch=step.epoch, seqs=step.seqs, hidden=encode(out), release=step.release)
         await self.downstream.write(down)
+
+    async def _fail(self, step: pb.Step, chunks: list[SeqChunk], error: StagemeshError) -> None:
+        """The step failed here alone: forget its sequences (the gateway fails their requests and frees their
+        KV blocks; the other stages forget them with its next release) and say so upstream; the stream goes on."""
+        self.table.release([c.seq_id for c in chunks])
+        log.warning("step %d failed: %s", step.step_id, error)
+        failure = pb.StepFailure(code=error.code, message=str(error))
+        await self._send_up(pb.StepResult(step_id=step.step_id, failure=failure))
+
+    async def _send_up(self, result: pb.StepResult) -> None:
+        """One write at a time, and never cut short: a write cancelled half-way leaves gRPC unable to send
+        the stream's status (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the caller waits for nothing."""
+        async with self._writing:
+            write = asyncio.ensure_future(self.write(result))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.gather(write, return_exceptions=True)
+                raise
 
     async def _open_downstream(self) -> None:
         """The gateway may open its stream as soon as the mesh is ready, a moment before this worker's
@@ -125,13 +154,7 @@ class ForwardLink:
         async for result in self.downstream:
             busy = self._busy.pop(result.step_id, 0.0)
             result.timings.append(pb.StageTiming(stage=self.runtime.stage, busy_seconds=busy))
-            await self.write(result)
-
-    def _downstream_error(self, e: grpc.aio.AioRpcError) -> StagemeshError:
-        where = f"stage {self.runtime.stage + 1}"
-        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(f"{where}: {e.details()}")
-        return Unavailable(f"{where} failed ({e.code().name}): {e.details()}")
+            await self._send_up(result)
 
     async def close(self) -> None:
         self.runtime.links.discard(self)

@@ -8,7 +8,8 @@ a rank can only write op k+2 after every rank finished op k+1, hence finished re
 
 Ordering: the sequence number is stored after the data by the same thread, and x86-64 keeps stores in
 order (TSO), so a rank that sees the number sees the data; on other CPUs the stage keeps using gloo.
-Waiting spins on the counters, yielding the CPU between checks; a peer that died is noticed by its pid.
+Waiting spins on the counters, yielding the CPU between checks; a peer that died is noticed by its pid
+(CollectiveError).
 """
 
 from __future__ import annotations
@@ -20,24 +21,30 @@ import uuid
 from pathlib import Path
 
 import torch
+from stagemesh.errors import CollectiveError
 
-HEADER = 64  # int64 slots: sequence numbers of up to 32 ranks, then their pids
+MAX_RANKS = 32
+HEADER = 2 * MAX_RANKS  # int64 slots: sequence numbers of up to MAX_RANKS ranks, then their pids
 SPINS_BEFORE_YIELD = 64
+SPINS_BEFORE_SLEEP = 1 << 16  # a peer waiting for the leader's next step stops spinning after this many checks
+IDLE_SLEEP = 0.0005  # ... and checks every half millisecond: idle peers must not burn a core each
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 
 
 class ShmCollectives:
     def __init__(self, path: str, rank: int, size: int, slot_bytes: int, create: bool, timeout: float = 30.0):
+        if not 0 <= rank < size <= MAX_RANKS:
+            raise ValueError(f"shared-memory collectives hold 1..{MAX_RANKS} ranks; got rank {rank} of {size}")
         self.rank, self.size, self.slot_bytes, self.timeout = rank, size, slot_bytes, timeout
         total = HEADER * 8 + 2 * size * slot_bytes
         if create:
             with open(path, "wb") as f:
                 f.truncate(total)
         buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        self._header = buffer[: HEADER * 8].view(torch.int64).numpy()  # seq[0:32], pid[32:64]
+        self._header = buffer[: HEADER * 8].view(torch.int64).numpy()  # seq[:MAX_RANKS], pid[MAX_RANKS:]
         self._slots = buffer[HEADER * 8 :].view(2, size, slot_bytes)  # (parity, rank, bytes)
         self._op = 0
-        self._header[32 + rank] = os.getpid()
+        self._header[MAX_RANKS + rank] = os.getpid()
 
     @classmethod
     def create_path(cls) -> str:
@@ -72,7 +79,7 @@ class ShmCollectives:
             self._header[0] = op
             self._wait(op)  # peers publish after reading: the slot is free for op + 2
             return payload if fits else fallback(payload, size)
-        self._wait_for(0, op)
+        self._wait_for_leader(op)
         size = int(slot[:8].view(torch.int64)[0])
         data = slot[8 : 8 + size].numpy().tobytes() if size >= 0 else None
         self._header[self.rank] = op
@@ -94,6 +101,20 @@ class ShmCollectives:
     def _wait_for(self, rank: int, op: int) -> None:
         self._spin(lambda: self._header[rank] >= op, op)
 
+    def _wait_for_leader(self, op: int) -> None:
+        """A peer waits for the next step as long as the leader lives (an idle mesh is not a failure),
+        spinning first (steps come back to back while serving), then sleeping between checks."""
+        spins = 0
+        while self._header[0] < op:
+            spins += 1
+            if spins < SPINS_BEFORE_SLEEP:
+                if spins % SPINS_BEFORE_YIELD == 0:
+                    os.sched_yield()
+                continue
+            time.sleep(IDLE_SLEEP)
+            if spins % 256 == 0 and not _alive(int(self._header[32])):
+                raise RuntimeError(f"tensor-parallel rank 0 (pid {self._header[32]}) is gone")
+
     def _spin(self, done, op: int) -> None:
         spins, deadline = 0, None
         while not done():
@@ -106,10 +127,10 @@ class ShmCollectives:
 
     def _check_peers(self, op: int, deadline: float) -> None:
         for r in range(self.size):
-            if self._header[r] < op and not _alive(int(self._header[32 + r])):
-                raise RuntimeError(f"tensor-parallel rank {r} (pid {self._header[32 + r]}) is gone")
+            if self._header[r] < op and not _alive(int(self._header[MAX_RANKS + r])):
+                raise CollectiveError(f"tensor-parallel rank {r} (pid {self._header[MAX_RANKS + r]}) is gone")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tensor-parallel ranks did not all reach collective {op} in {self.timeout:.0f}s")
+            raise CollectiveError(f"tensor-parallel ranks did not all reach collective {op} in {self.timeout:.0f}s")
 
 
 def _alive(pid: int) -> bool:

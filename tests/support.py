@@ -85,7 +85,7 @@ def run_ranks(script: str, world: int, args: list[str], timeout: float = 120) ->
 class MeshProcess:
     """`stagemesh up ...` as a real subprocess: started, waited for, stopped with SIGTERM."""
 
-    def __init__(self, model_dir: str, *args: str, timeout: float = 120) -> None:
+    def __init__(self, model_dir: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> None:
         import psutil
 
         self.argv = [
@@ -102,7 +102,7 @@ class MeshProcess:
             *args,
         ]
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**child_env(), **(env or {})}
         )
         self.stderr_lines: list[str] = []
         import threading
@@ -114,6 +114,7 @@ class MeshProcess:
             raise RuntimeError(f"stagemesh up failed: {line!r}\n{''.join(self.stderr_lines)[-3000:]}")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.gateway, self.coordinator = fields["gateway"], fields["coordinator"]
+        self.http = fields.get("http")  # with --http-port
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
 
     def _drain_stderr(self) -> None:
@@ -183,3 +184,25 @@ def new_requests_unavailable(gateway: str) -> bool:
         except GatewayError as e:
             return e.code == grpc.StatusCode.UNAVAILABLE
     return False
+
+
+def kv_in_use(coordinator: str) -> tuple[int, list[int]]:
+    """(KV blocks the gateway has allocated, blocks of live sequences on each stage worker), from
+    `coordctl status --json`."""
+    import json
+
+    from click.testing import CliRunner
+    from stagemesh.coordinator.cli import main as coordctl
+
+    data = json.loads(CliRunner().invoke(coordctl, ["status", "--coordinator", coordinator, "--json"]).output)
+    return data["gateway"]["kv_blocks_used"], [w["kv_blocks_used"] for w in data["workers"] if w["kind"] == "stage"]
+
+
+def wait_kv_free(coordinator: str, timeout: float = 10.0) -> None:
+    """Waits until no KV block is in use anywhere (reports come every second); fails naming what is left."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (used := kv_in_use(coordinator)) != (0, [0] * len(used[1])):
+        assert time.monotonic() < deadline, f"KV still in use (gateway, stages): {used}"
+        time.sleep(0.2)

@@ -47,6 +47,8 @@ def secure_mesh(checkpoint, certs):
         CLUSTER_TOKEN,
         "--client-token",
         CLIENT_TOKEN,
+        "--http-port",
+        "0",
     )
     yield mesh
     mesh.stop()
@@ -80,6 +82,33 @@ def test_generation_works_with_tls_and_tokens(secure_mesh, certs):
     result = generate(secure_mesh, *tls(certs[0], "client"), "--client-token", CLIENT_TOKEN)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 4
+
+
+def test_the_http_api_takes_the_same_tls_and_token(secure_mesh, certs):
+    import ssl
+
+    import httpx
+    import openai
+
+    ours, theirs = certs
+
+    def https(directory=None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=str(ours / "ca.crt"))
+        if directory is not None:
+            context.load_cert_chain(str(directory / "client.crt"), str(directory / "client.key"))
+        return httpx.Client(verify=context, timeout=30)
+
+    url = f"https://{secure_mesh.http}/v1"
+    api = openai.OpenAI(base_url=url, api_key=CLIENT_TOKEN, http_client=https(ours), max_retries=0)
+    model = api.models.list().data[0].id
+    assert api.completions.create(model=model, prompt=[5, 9, 23], max_tokens=3).usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", http_client=https(ours), max_retries=0).models.list()
+    for refused in (https(None), https(theirs)):  # no client certificate; one our CA did not sign
+        with pytest.raises(httpx.TransportError):
+            refused.get(f"https://{secure_mesh.http}/health")
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://{secure_mesh.http}/health", timeout=10)  # plain HTTP on the TLS port
 
 
 @pytest.mark.parametrize(
