@@ -89,10 +89,9 @@ class Gateway:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
             self.chat_template = ChatTemplate.from_dir(model_dir)
-        link = PipelineLink(
-            t.stage_addresses[0], t.pipeline_epoch, None, self._on_failure, self.scheduler.on_step_failure
-        )
+        link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, None, self._on_failure)
         link.on_result = lambda step_id, tokens, timings: self._on_result(link, step_id, tokens, timings)
+        link.on_step_failure = lambda step_id, error: self._on_step_failure(link, step_id, error)
         self.link = link
         kv = BlockAllocator(t.kv_blocks, plan.spec.block_size)
         # The model's context bounds a request (INVALID_ARGUMENT beyond it); the KV cache only decides when it
@@ -133,6 +132,15 @@ class Gateway:
         if link is self.link:  # a result of a stream already given up is history the replay recomputes
             self.metrics.stage_timings(timings)
             self.scheduler.on_result(step_id, tokens)
+
+    def _on_step_failure(self, link: PipelineLink, step_id: int, error: StagemeshError) -> None:
+        """UNAVAILABLE (e.g. an expert worker gone) is a lost worker, handled like a broken stream: the
+        requests are held and replayed. Other codes (out of memory) fail that step's requests only."""
+        if link is not self.link:
+            return
+        if error.code == "UNAVAILABLE":
+            return self._on_failure(error)
+        self.scheduler.on_step_failure(step_id, error)
 
     def _on_failure(self, error: StagemeshError) -> None:
         self._spawn(self._recover(self.link, error))
