@@ -270,7 +270,7 @@ def _limits_options(owner: type):
     "heartbeat_timeout",
     "--heartbeat-timeout",
     type=float,
-    help="Seconds of silence before a worker is marked down.",
+    help="Seconds of silence before a worker is declared dead (its role goes to a spare).",
 )
 @security_options
 def coordinator_command(**fields) -> None:
@@ -390,6 +390,8 @@ def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
     type=int,
     help="Gateway OpenAI-compatible HTTP port (0 = a free one, in the ready line).",
 )
+@option(MeshLayout, "spares", "--spares", type=int, help="Spare stage workers (each waits to take a lost role).")
+@option(MeshLayout, "expert_spares", "--expert-spares", type=int, help="Spare expert workers.")
 @option(MeshLayout, "host", "--host", help="Address every service listens on.")
 @option(MeshLayout, "port", "--port", type=int, help="Gateway port (0 = a free one).")
 @security_options

@@ -33,6 +33,22 @@ def status_command(coordinator, as_json, timeout) -> None:
     sys.exit(0 if data["serving"] else 1)
 
 
+@main.command("events")
+@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the coordinator.")
+@security_options
+def events_command(coordinator, as_json, timeout) -> None:
+    """List membership and epoch changes (registered, spare, dead, takeover, ready) with times and causes."""
+    from stagemesh.coordinator.client import cluster_events
+
+    events = cluster_events(coordinator, timeout)
+    if as_json:
+        click.echo(json.dumps(events, indent=2))
+    for e in [] if as_json else events:
+        click.echo(f"{e['time']}  epoch {e['epoch']:>3}  {e['kind']:<10} {e['detail']}")
+
+
 @main.command("plan")
 @click.option(
     "--model",

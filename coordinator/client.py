@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 from stagemesh.coordinator.roster import Topology
 from stagemesh.coordinator.wire import plan_from_message, topology_from_message
-from stagemesh.errors import NotFound, StagemeshError, Unavailable
+from stagemesh.errors import FailedPrecondition, NotFound, StagemeshError, Unavailable
 from stagemesh.models.plan import MeshPlan
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
@@ -56,19 +56,21 @@ class CoordinatorClient:
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, f"coordinator at {self.address}") from None
 
-    async def register(self, request: pb.RegisterRequest, timeout: float) -> Assignment:
+    async def register(self, request: pb.RegisterRequest, timeout: float | None) -> Assignment:
+        """A spare's call returns only when it is given a role: timeout None waits as long as it takes."""
         request.hostname = request.hostname or socket.gethostname()
         a = await self.call("Register", request, timeout=timeout)
         plan = plan_from_message(a.plan)
         return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.rendezvous, a.epoch)
 
-    async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 1.0):
-        """Runs forever; a NOT_FOUND reply (the coordinator forgot us) ends it with an error."""
+    async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 0.5):
+        """Runs forever; NOT_FOUND (the coordinator forgot us) or FAILED_PRECONDITION (we were declared dead
+        and lost our role) ends it with an error: the process exits and may be restarted as a spare."""
         while True:
             try:
                 reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
                 on_epoch(reply.epoch)
-            except NotFound:
+            except (NotFound, FailedPrecondition):  # forgotten, or declared dead: leave
                 raise
             except StagemeshError as e:
                 log.warning("heartbeat: %s", e)
@@ -95,3 +97,23 @@ def cluster_status(address: str, timeout: float = 5.0) -> pb.ClusterStatus:
             return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"coordinator at {address}") from None
+
+
+def cluster_events(address: str, timeout: float = 5.0) -> list[dict]:
+    """Blocking Events call for coordctl: oldest first, times as ISO 8601 (UTC)."""
+    from datetime import datetime, timezone
+
+    with channel(address) as ch:
+        try:
+            reply = pb_grpc.CoordinatorStub(ch).Events(pb.EventsRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"coordinator at {address}") from None
+    return [
+        {
+            "time": datetime.fromtimestamp(e.time, timezone.utc).isoformat(timespec="milliseconds"),
+            "epoch": e.epoch,
+            "kind": e.kind,
+            "detail": e.detail,
+        }
+        for e in reply.events
+    ]

@@ -1,5 +1,10 @@
-"""The coordinator's state: the plan, the registered workers and their roles, liveness, and the topology
-(with an epoch that grows on every change) derived from them. No gRPC here: the servicer drives it.
+"""The coordinator's state: the plan, the registered workers and their roles, the spares waiting for a
+role, liveness, the topology (with an epoch that grows on every change) derived from them, and the log of
+membership events. No gRPC here: the servicer drives it.
+
+A worker silent for `heartbeat_timeout` is dead: it loses its role at once (its id is remembered, so a
+process that comes back after a partition is refused its old role and must register again, as a spare).
+The first spare of the right kind takes a lost role; until one does the topology says why it is not ready.
 """
 
 from __future__ import annotations
@@ -15,6 +20,27 @@ from stagemesh.models.dtypes import lookup
 from stagemesh.models.plan import MeshPlan, ParallelPlan, ServingSpec
 
 STAGE, EXPERT = "stage", "expert"
+
+
+class NoFreeRole(FailedPrecondition):
+    """Every role of this kind is held by a live worker: the registering process waits as a spare."""
+
+
+@dataclass
+class Spare:
+    kind: str
+    address: str
+    device: str
+    hostname: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # unix seconds
+    epoch: int
+    kind: str  # registered, spare, takeover, dead, ready, drain
+    detail: str
 
 
 @dataclass
@@ -50,6 +76,7 @@ class Topology:
     expert_addresses: tuple[str, ...] = ()
     expert_alive: tuple[bool, ...] = ()
     pipeline_epoch: int = 0
+    recovering: bool = False  # not ready only while spares take over lost roles
     plan: MeshPlan | None = None  # the same for every epoch; carried so followers get it with the topology
 
     def pipeline(self) -> tuple:
@@ -57,12 +84,8 @@ class Topology:
         return self.ready, self.stage_addresses, self.kv_blocks
 
     def same_as(self, other: Topology) -> bool:
-        return (self.pipeline(), self.reason, self.expert_addresses, self.expert_alive) == (
-            other.pipeline(),
-            other.reason,
-            other.expert_addresses,
-            other.expert_alive,
-        )
+        mine = (self.pipeline(), self.reason, self.expert_addresses, self.expert_alive, self.recovering)
+        return mine == (other.pipeline(), other.reason, other.expert_addresses, other.expert_alive, other.recovering)
 
 
 class Roster:
@@ -71,7 +94,7 @@ class Roster:
         config: ModelConfig,
         plan: ParallelPlan,
         spec: ServingSpec,
-        heartbeat_timeout: float = 5.0,
+        heartbeat_timeout: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
@@ -81,7 +104,13 @@ class Roster:
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
         self.rendezvous: dict[int, str] = {}
+        self.spares: dict[int, Spare] = {}
+        self.lost: dict[tuple, str] = {}  # role -> who held it when it died, until a worker takes it
+        self.taking_over: set[tuple] = set()  # lost roles a spare holds but has not loaded yet
+        self.dead: set[str] = set()  # ids of workers declared dead: never given a role again
+        self.events: list[Event] = []
         self._ids = itertools.count()
+        self._spare_ids = itertools.count()
         self.topology = Topology(0, False, "waiting for workers", (), 0)
         self._refresh()
 
@@ -103,13 +132,11 @@ class Roster:
         expert_index: int | None = None,
     ) -> Worker:
         role = self._choose_role(kind, stage, tp_rank, expert_index)
-        holder = self._holder(role)
-        if holder is not None:
-            if holder.state != "down":
-                raise FailedPrecondition(f"role {_describe_role(role)} is already held by {holder.address}")
-            del self.workers[holder.worker_id]  # a restarted worker takes its dead predecessor's role
-            if role[0] == STAGE and role[2] == 0:
-                self.rendezvous.pop(role[1], None)
+        if self._holder(role) is not None:
+            raise NoFreeRole(f"role {_describe_role(role)} is held by {self._holder(role).address}")
+        took_over = self.lost.pop(role, None)
+        if took_over:
+            self.taking_over.add(role)
         worker = Worker(
             f"w{next(self._ids)}", kind, address, device, hostname, memory_bytes, last_heartbeat=self.clock()
         )
@@ -119,7 +146,24 @@ class Roster:
             worker.expert_index = role[1]
         self.workers[worker.worker_id] = worker
         self._refresh()
+        cause = f", taking over from {took_over}" if took_over else ""
+        self.log("takeover" if took_over else "registered", f"{address} is {_describe_role(role)}{cause}")
         return worker
+
+    def add_spare(self, kind: str, address: str, device: str, hostname: str) -> int:
+        key = next(self._spare_ids)
+        self.spares[key] = Spare(kind, address, device, hostname, self.clock())
+        self._refresh()
+        self.log("spare", f"{address} waits as a {kind} spare")
+        return key
+
+    def remove_spare(self, key: int) -> None:
+        if self.spares.pop(key, None) is not None:
+            self._refresh()
+
+    def log(self, kind: str, detail: str) -> None:
+        self.events.append(Event(time.time(), self.topology.epoch, kind, detail))
+        del self.events[:-1000]
 
     def _choose_role(self, kind: str, stage, tp_rank, expert_index) -> tuple:
         if kind not in (STAGE, EXPERT):
@@ -132,10 +176,10 @@ class Roster:
             role = (EXPERT, expert_index)
         else:
             own = [r for r in self.roles() if r[0] == kind]
-            free = [r for r in own if self._holder(r) is None] or [r for r in own if self._holder(r).state == "down"]
+            free = [r for r in own if self._holder(r) is None]
             if not free:
-                raise FailedPrecondition(f"every {kind} role of the plan ({self.plan.describe()}) is taken")
-            return free[0]
+                raise NoFreeRole(f"every {kind} role of the plan ({self.plan.describe()}) is taken")
+            return sorted(free, key=lambda r: r not in self.lost)[0]  # lost roles first
         if role not in self.roles():
             raise InvalidArgument(f"role {_describe_role(role)} does not exist in the plan ({self.plan.describe()})")
         return role
@@ -145,6 +189,8 @@ class Roster:
 
     def get(self, worker_id: str) -> Worker:
         worker = self.workers.get(worker_id)
+        if worker_id in self.dead:
+            raise FailedPrecondition(f"worker {worker_id} was declared dead and lost its role: restart it as a spare")
         if worker is None:
             raise NotFound(f"unknown worker {worker_id!r}: register first")
         return worker
@@ -161,29 +207,35 @@ class Roster:
     def mark_ready(self, worker_id: str, param_bytes: int, kv_blocks: int, kv_bytes_per_block: int) -> None:
         worker = self.get(worker_id)
         worker.state, worker.param_bytes = "ready", param_bytes
+        self.taking_over.discard(worker.role)
         worker.kv_blocks, worker.kv_bytes_per_block = kv_blocks, kv_bytes_per_block
         worker.last_heartbeat = self.clock()
         self._refresh()
+        self.log("ready", f"{self.describe(worker)} at {worker.address}")
 
     def heartbeat(self, worker_id: str, stats: dict) -> int:
         worker = self.get(worker_id)
         worker.last_heartbeat = self.clock()
         worker.stats = stats
-        if worker.state == "down":
-            worker.state = "ready" if worker.param_bytes else "registered"
-            self._refresh()
         return self.topology.pipeline_epoch
 
     def sweep(self) -> None:
-        """Marks workers silent for longer than the heartbeat timeout as down."""
+        """Declares workers silent for longer than the heartbeat timeout dead: each loses its role."""
         now = self.clock()
-        silent = [
-            w for w in self.workers.values() if w.state != "down" and now - w.last_heartbeat > self.heartbeat_timeout
-        ]
+        silent = [w for w in self.workers.values() if now - w.last_heartbeat > self.heartbeat_timeout]
         for w in silent:
-            w.state = "down"
-        if silent:
-            self._refresh()
+            self.remove(w, f"no heartbeat for {now - w.last_heartbeat:.1f}s")
+
+    def remove(self, worker: Worker, cause: str) -> None:
+        """The worker's role becomes free (a spare takes it); the process is never given a role again."""
+        del self.workers[worker.worker_id]
+        self.taking_over.discard(worker.role)
+        self.dead.add(worker.worker_id)
+        self.lost[worker.role] = worker.address
+        if worker.kind == STAGE and worker.tp_rank == 0:
+            self.rendezvous.pop(worker.stage, None)
+        self._refresh()
+        self.log("dead", f"{_describe_role(worker.role)} at {worker.address}: {cause}")
 
     # ---- topology ----
 
@@ -198,11 +250,6 @@ class Roster:
 
     def _derive_topology(self) -> Topology:
         holders = {role: self._holder(role) for role in self.roles()}
-        waiting = [_describe_role(r) for r, h in holders.items() if h is None or h.state == "registered"]
-        down = [
-            f"{_describe_role(r)} at {h.address}" for r, h in holders.items() if h is not None and h.state == "down"
-        ]
-        stage_down = [r for r, h in holders.items() if r[0] == STAGE and h is not None and h.state == "down"]
         experts = [holders[(EXPERT, e)] for e in range(self.plan.ep)]
         alive = tuple(w is not None and w.state == "ready" for w in experts)
         uncovered = [
@@ -210,12 +257,26 @@ class Roster:
             for x in range(self.config.num_local_experts)
             if self.plan.ep and not any(alive[w] for w in self.plan.expert_owners(x))
         ]
-        ready = not waiting and not stage_down and not uncovered
-        reason = ""
-        if not ready:
-            reason = f"waiting for {', '.join(waiting)}" if waiting else f"down: {', '.join(down)}"
-            if uncovered and not waiting:
-                reason += f" (experts {','.join(map(str, uncovered))} have no live worker)"
+        replaced = {r for r in self.lost if r[0] == EXPERT and not uncovered}  # live replicas cover them
+        unfilled = [r for r, h in holders.items() if (h is None or h.state == "registered") and r not in replaced]
+        waiting = [r for r in unfilled if r not in self.lost and r not in self.taking_over]
+        waiting = [_describe_role(r) for r in waiting]
+        lost = [r for r in self.roles() if r in self.lost and (r[0] == STAGE or uncovered)]  # replicas cover the rest
+        spare_kinds = [s.kind for s in self.spares.values()]
+        uncovered_lost = [r for r in lost if spare_kinds.count(r[0]) < sum(x[0] == r[0] for x in lost)]
+        ready = not unfilled and not lost and not uncovered
+        reason, recovering = "", False
+        if waiting:
+            reason = f"waiting for {', '.join(waiting)}"
+        elif lost:
+            recovering = not uncovered_lost
+            spare = "a spare is taking over" if recovering else "no spare"
+            reason = f"{', '.join(map(_describe_role, lost))} {'is' if len(lost) == 1 else 'are'} down, {spare}"
+        elif not ready:
+            loading = [_describe_role(r) for r, h in holders.items() if h is not None and h.state == "registered"]
+            recovering, reason = True, f"a spare is loading {', '.join(loading)}"
+        if uncovered and not waiting and not ready:
+            reason += f" (experts {','.join(map(str, uncovered))} have no live worker)"
         stages = [w for r, w in holders.items() if r[0] == STAGE and w is not None and w.state == "ready"]
         return Topology(
             epoch=0,  # set by _refresh
@@ -225,6 +286,7 @@ class Roster:
             kv_blocks=min(w.kv_blocks for w in stages) if ready else 0,
             expert_addresses=tuple(w.address if w else "" for w in experts),
             expert_alive=alive,
+            recovering=recovering,
             plan=self.mesh_plan,
         )
 

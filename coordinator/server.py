@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from stagemesh.coordinator.roster import STAGE, Roster, Worker
+from stagemesh.coordinator.roster import STAGE, NoFreeRole, Roster, Spare, Worker
 from stagemesh.coordinator.wire import plan_message, topology_message
 from stagemesh.errors import DeadlineExceeded
 from stagemesh.models.config import ModelConfig
@@ -48,16 +48,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @maps_errors
     async def Register(self, request: pb.RegisterRequest, context) -> pb.Assignment:
-        worker = self.roster.register(
-            request.kind,
-            request.address,
-            request.device,
-            request.hostname,
-            request.memory_bytes,
-            stage=request.stage if request.HasField("stage") else None,
-            tp_rank=request.tp_rank if request.HasField("tp_rank") else None,
-            expert_index=request.expert_index if request.HasField("expert_index") else None,
-        )
+        """Assigns a role; with every role of its kind held, the caller waits here as a spare (for as long
+        as its call stays open) until a role is lost."""
+        worker = await self._register_or_wait(request)
         log.info("registered %s as %s", worker.address, self.roster.describe(worker))
         rendezvous = ""
         if worker.kind == STAGE and worker.tp_rank > 0:
@@ -72,6 +65,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             rendezvous=rendezvous,
             epoch=self.roster.topology.pipeline_epoch,
         )
+
+    async def _register_or_wait(self, request: pb.RegisterRequest) -> Worker:
+        r, spare = request, None
+        try:
+            while True:
+                try:
+                    return self.roster.register(
+                        r.kind,
+                        r.address,
+                        r.device,
+                        r.hostname,
+                        r.memory_bytes,
+                        stage=r.stage if r.HasField("stage") else None,
+                        tp_rank=r.tp_rank if r.HasField("tp_rank") else None,
+                        expert_index=r.expert_index if r.HasField("expert_index") else None,
+                    )
+                except NoFreeRole:
+                    if spare is None:
+                        spare = self.roster.add_spare(r.kind, r.address, r.device, r.hostname)
+                        log.info("%s waits as a %s spare", r.address, r.kind)
+                    await self.feed.wait(1.0)
+        finally:
+            if spare is not None:
+                self.roster.remove_spare(spare)
 
     async def _rendezvous(self, stage: int) -> str:
         deadline = time.monotonic() + self.rendezvous_timeout
@@ -121,6 +138,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await self.feed.wait(5.0)
 
     @maps_errors
+    async def Events(self, request: pb.EventsRequest, context) -> pb.EventList:
+        return pb.EventList(
+            events=[pb.Event(time=e.time, epoch=e.epoch, kind=e.kind, detail=e.detail) for e in self.roster.events]
+        )
+
+    @maps_errors
     async def Status(self, request: pb.StatusRequest, context) -> pb.ClusterStatus:
         now = self.roster.clock()
         workers = [worker_status(self.roster, w, now) for w in self.roster.workers.values()]
@@ -131,7 +154,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             workers=workers,
             gateway=self.gateway or pb.GatewayReport(),
             gateway_report_age=age,
+            spares=[spare_status(s, now) for s in self.roster.spares.values()],
         )
+
+
+def spare_status(s: Spare, now: float) -> pb.SpareStatus:
+    return pb.SpareStatus(
+        kind=s.kind, address=s.address, device=s.device, hostname=s.hostname, waiting_seconds=now - s.since
+    )
 
 
 def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
@@ -164,7 +194,7 @@ class CoordinatorOptions(LayoutOptions):
     max_model_len: int = 0
     host: str = "127.0.0.1"
     port: int = 0
-    heartbeat_timeout: float = 5.0
+    heartbeat_timeout: float = 3.0  # seconds of silence before a worker is declared dead
 
 
 def build_roster(opts: CoordinatorOptions, on_change=lambda: None) -> Roster:
@@ -188,7 +218,7 @@ async def serve(opts: CoordinatorOptions) -> None:
 
     async def sweep() -> None:
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
             roster.sweep()
 
     await run_service("coordinator", f"{opts.host}:{port}", server, background=[sweep()])

@@ -64,6 +64,11 @@ def status_dict(status: pb.ClusterStatus) -> dict:
         "expert_addresses": list(t.expert_addresses),
         "kv_blocks": t.kv_blocks,
         "workers": workers,
+        "spares": [
+            {"kind": x.kind, "address": x.address, "device": x.device, "waiting_seconds": round(x.waiting_seconds, 1)}
+            for x in status.spares
+        ],
+        "recovering": t.recovering,
         "gateway": gateway,
     }
 
@@ -119,6 +124,8 @@ def render(data: dict, console) -> None:
             f"{w['busy_seconds']:.2f}",
         )
         all_load += w["expert_load"]
+    for x in data["spares"]:
+        table.add_row(f"spare ({x['kind']})", x["address"], x["device"], "spare", "-", "-", "-", "-", "-")
     console.print(table)
     imbalance = expert_imbalance(all_load)
     if imbalance is not None:

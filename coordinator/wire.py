@@ -50,6 +50,7 @@ def topology_message(t: Topology) -> pb.Topology:
         kv_blocks=t.kv_blocks,
         pipeline_epoch=t.pipeline_epoch,
         expert_alive=t.expert_alive,
+        recovering=t.recovering,
     )
 
 
@@ -64,4 +65,5 @@ def topology_from_message(msg: pb.Topology) -> Topology:
         expert_alive=tuple(msg.expert_alive),
         pipeline_epoch=msg.pipeline_epoch,
         plan=plan_from_message(msg.plan),
+        recovering=msg.recovering,
     )

@@ -25,6 +25,8 @@ class MeshLayout(LayoutOptions):
     max_running: int = SchedulerLimits.max_running
     metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
     http_port: int | None = None  # the gateway's OpenAI-compatible HTTP port (0 = a free one); None = off
+    spares: int = 0  # stage workers beyond the plan: each waits to take a lost stage role
+    expert_spares: int = 0  # the same for expert workers
 
     @property
     def workers(self) -> int:
@@ -56,21 +58,24 @@ def _site_flags(site: WorkerSite) -> list[str]:
 
 
 def stage_worker_command(
-    layout: MeshLayout, coordinator: str, stage: int, rank: int, site: WorkerSite, threads: int | None
+    layout: MeshLayout, coordinator: str, stage: int | None, rank: int | None, site: WorkerSite, threads: int | None
 ) -> list[str]:
+    """stage None: a worker that takes the next free role, or waits as a spare."""
     argv = ["stage-worker", "--coordinator", coordinator, *_site_flags(site)]
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
-    argv += ["--device", site.device, "--stage", str(stage), "--tp-rank", str(rank)]
+    argv += ["--device", site.device]
+    argv += ["--stage", str(stage), "--tp-rank", str(rank)] if stage is not None else []
     return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
 
 
 def expert_worker_command(
-    layout: MeshLayout, coordinator: str, index: int, site: WorkerSite, threads: int | None
+    layout: MeshLayout, coordinator: str, index: int | None, site: WorkerSite, threads: int | None
 ) -> list[str]:
+    """index None: a worker that takes the next free role, or waits as a spare."""
     argv = ["expert-worker", "--coordinator", coordinator, *_site_flags(site)]
     argv += ["--threads", str(threads)] if threads else []
-    return argv + ["--device", site.device, "--expert-worker-index", str(index)]
+    return argv + ["--device", site.device] + (["--expert-worker-index", str(index)] if index is not None else [])
 
 
 def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
@@ -85,6 +90,16 @@ def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, lis
         site = WorkerSite(_device(layout, layout.tp * layout.pp + e), layout.host)
         commands.append((f"expert-worker index={e}", expert_worker_command(layout, coordinator, e, site, threads)))
     return commands
+
+
+def spare_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
+    """Workers beyond the plan: no role asked for, so each waits as a spare for a lost one."""
+    threads = layout.threads or max(1, (os.cpu_count() or 1) // max(1, layout.workers))
+    site = WorkerSite(_device(layout, 0), layout.host)
+    stage = [stage_worker_command(layout, coordinator, None, None, site, threads) for _ in range(layout.spares)]
+    expert = [expert_worker_command(layout, coordinator, None, site, threads) for _ in range(layout.expert_spares)]
+    named = [(f"stage-worker spare={i}", argv) for i, argv in enumerate(stage)]
+    return named + [(f"expert-worker spare={i}", argv) for i, argv in enumerate(expert)]
 
 
 def coordinator_command(layout: MeshLayout) -> list[str]:

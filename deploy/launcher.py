@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
-from stagemesh.deploy.commands import MeshLayout, coordinator_command, gateway_command, worker_commands
+from stagemesh.deploy.commands import (
+    MeshLayout,
+    coordinator_command,
+    gateway_command,
+    spare_commands,
+    worker_commands,
+)
 from stagemesh.errors import Unavailable
 
 
@@ -60,6 +66,8 @@ class LocalMesh:
         self.gateway = self._spawn("gateway", gateway_command(layout, self.coordinator), deadline)
         self.http = self.children[-1].http
         self._wait_serving(deadline)
+        for name, argv in spare_commands(layout, self.coordinator):  # after the roles are taken
+            self._spawn(name, argv, deadline=None)
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _check_plan(self) -> None:

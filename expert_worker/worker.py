@@ -51,7 +51,7 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     )
     if opts.expert_worker_index is not None:
         request.expert_index = opts.expert_worker_index
-    assignment = await client.register(request, timeout=opts.connect_timeout)
+    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
     plan, spec = assignment.plan, assignment.plan.spec
     expert_ids = list(plan.parallel.expert_groups[assignment.expert_index])
     log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)

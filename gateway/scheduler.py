@@ -7,6 +7,11 @@ most its fair share of the active sequences, decodes first, then prompt chunks u
 (chunked prefill: a long prompt never stalls running decodes for more than one step). KV blocks are
 allocated when a sequence is admitted (prompt + max_tokens) and freed the moment it ends; the stages
 forget it with the next step's release list.
+
+Failover: `suspend` keeps every request when the pipeline is lost but a new one is coming; the next
+`attach` replays each running sequence's history (prompt + tokens already streamed) as a chunked prefill
+on the new pipeline, and generation continues from the next token with the same draw index, so greedy and
+seeded output equal a run without the failure and the client's stream has no gap and no repeat.
 """
 
 from __future__ import annotations
@@ -125,8 +130,10 @@ class Scheduler:
         self.pending_release: list[int] = []
         self._seq_ids = itertools.count(1)
         self._step_ids = itertools.count(1)
+        self.suspended = False  # the pipeline is lost, a new one is coming: requests wait, then replay
         self.tokens_out = 0
         self.requests_total = 0
+        self.replayed_tokens = 0  # tokens prefilled again after failovers (the cost of replay)
 
     # ---- mesh lifecycle ----
 
@@ -141,10 +148,40 @@ class Scheduler:
     ) -> None:
         self.sink, self.kv, self.max_inflight = sink, kv, max_inflight
         self.vocab_size, self.max_context, self.eos_ids = vocab_size, max_context, eos_ids
+        if self.suspended:
+            self._replay()
+        self._schedule()
+
+    def suspend(self, reason: str) -> None:
+        """The stream to the stages is gone (and with it their KV), but a new pipeline is coming: keep every
+        request; what the stages had computed is forgotten and replayed by the next `attach`."""
+        self.sink, self.suspended, self.not_ready = None, True, reason
+        for seq in list(self.running.values()):
+            seq.inflight = False
+            seq.num_computed = 0
+            if seq.done:
+                self.running.pop(seq.seq_id)
+        self.inflight.clear()
+        self.pending_release.clear()
+
+    def _replay(self) -> None:
+        """Re-admits the running sequences, in arrival order, into the new pipeline's KV space; from
+        position 0 they are prefilled again (prompt + generated). Those that no longer fit wait in front."""
+        self.suspended = False
+        old, self.running = sorted(self.running.values(), key=lambda s: s.seq_id), {}
+        self.pending_release.clear()  # the new stages never saw the sequences that ended meanwhile
+        for i, seq in enumerate(old):
+            tokens = seq.prompt_len + seq.request.max_tokens
+            if not self.kv.can_allocate(tokens):
+                self.waiting.extendleft(reversed(old[i:]))  # first come, first served, as in _admit
+                break
+            seq.block_table = tuple(self.kv.allocate(seq.seq_id, tokens))
+            self.running[seq.seq_id] = seq
+            self.replayed_tokens += len(seq.tokens)
 
     def detach(self, error: StagemeshError) -> None:
         """The stream to the stages is gone (and with it their KV): every request fails with `error`."""
-        self.sink = None
+        self.sink, self.suspended = None, False
         self.not_ready = str(error)
         for seq in [*self.waiting, *self.running.values()]:
             seq.inflight = False
@@ -156,7 +193,7 @@ class Scheduler:
     # ---- events ----
 
     def check_ready(self) -> None:
-        if self.sink is None:
+        if self.sink is None and not self.suspended:
             raise Unavailable(f"not ready: {self.not_ready}")
 
     def submit(self, request: GenerationRequest) -> Sequence:

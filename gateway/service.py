@@ -1,5 +1,7 @@
 """The gateway process: follows the coordinator's topology, attaches the scheduler to stage 0 when the mesh
-is ready (detaches and fails requests with UNAVAILABLE when it is not), serves the public API."""
+is ready, serves the public API. When the pipeline breaks it holds its requests while the coordinator
+replaces the lost role with a spare, then replays them on the new pipeline (scheduler.suspend); when no
+spare can take over, the requests fail with UNAVAILABLE and the reason."""
 
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ class GatewayOptions:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0 = a free one); None = off
     served_model_name: str | None = None  # the model's name on the HTTP API; None = the plan's model path
+    # A broken stream with no change of topology this long after is not a lost worker (the coordinator
+    # declares those within its heartbeat timeout, 3 s by default): the requests fail and a fresh stream opens.
+    failure_grace: float = 6.0
+    recovery_timeout: float = 120.0  # the longest requests are held while spares take over lost roles
 
 
 class Gateway:
@@ -56,6 +62,7 @@ class Gateway:
         self.chat_template: ChatTemplate | None = None
         self.link: PipelineLink | None = None
         self.address = ""
+        self._suspensions = 0
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
         self._tasks: set[asyncio.Task] = set()  # referenced until done: the loop keeps only weak references
 
@@ -66,31 +73,53 @@ class Gateway:
             self.topology = topology
             if topology.ready and (self.link is None or self.link.epoch != topology.pipeline_epoch):
                 await self._attach(topology)
-            elif not topology.ready and self.link is not None:
+            elif not topology.ready and topology.recovering:
+                await self._suspend(f"recovering: {topology.reason}")
+            elif not topology.ready and (self.link is not None or self.scheduler.suspended):
                 await self._detach(Unavailable(f"the mesh is not ready: {topology.reason}"))
             elif not topology.ready:
                 self.scheduler.not_ready = topology.reason
 
     async def _attach(self, t: Topology) -> None:
         if self.link is not None:
-            await self._detach(Unavailable(f"the pipeline changed (epoch {t.pipeline_epoch})"))
+            await self._suspend(f"the pipeline changed (epoch {t.pipeline_epoch})")
         plan = t.plan
         model_dir = self.opts.model_dir or plan.spec.model_dir
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
             self.chat_template = ChatTemplate.from_dir(model_dir)
-        self.link = PipelineLink(
-            t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure, self.scheduler.on_step_failure
-        )
+        link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, None, self._on_failure)
+        link.on_result = lambda step_id, tokens, timings: self._on_result(link, step_id, tokens, timings)
+        link.on_step_failure = lambda step_id, error: self._on_step_failure(link, step_id, error)
+        self.link = link
         kv = BlockAllocator(t.kv_blocks, plan.spec.block_size)
         # The model's context bounds a request (INVALID_ARGUMENT beyond it); the KV cache only decides when it
         # runs: it waits for free blocks, or is RESOURCE_EXHAUSTED if the whole cache could never hold it.
         c = self.config
         args = (plan.parallel.pp, c.vocab_size, plan.spec.max_model_len, c.eos_token_ids)
+        replayed = self.scheduler.replayed_tokens
         self.scheduler.attach(self.link, kv, *args)
         await set_serving(self.health, [SERVICE], True)
         log.info("attached to the mesh at pipeline epoch %d (%d KV blocks)", t.pipeline_epoch, t.kv_blocks)
+        if self.scheduler.replayed_tokens > replayed:
+            log.info("replaying %d tokens of history", self.scheduler.replayed_tokens - replayed)
+
+    async def _suspend(self, reason: str) -> None:
+        """Holds every request for the next pipeline; fails them if none comes in recovery_timeout."""
+        link, self.link = self.link, None
+        if link is not None:
+            await link.close()
+        if not self.scheduler.suspended:
+            log.warning("holding requests: %s", reason)
+            self._suspensions += 1
+            self._spawn(self._give_up_after(self.opts.recovery_timeout, reason, self._suspensions))
+        self.scheduler.suspend(reason)
+
+    async def _give_up_after(self, seconds: float, reason: str, suspension: int) -> None:
+        await asyncio.sleep(seconds)
+        if suspension == self._suspensions and self.scheduler.suspended and self.link is None:
+            await self._detach(Unavailable(f"no new pipeline in {seconds:.0f}s: {reason}"))
 
     async def _detach(self, error: StagemeshError) -> None:
         link, self.link = self.link, None
@@ -99,9 +128,19 @@ class Gateway:
         if link is not None:
             await link.close()
 
-    def _on_result(self, step_id: int, tokens, timings) -> None:
-        self.metrics.stage_timings(timings)
-        self.scheduler.on_result(step_id, tokens)
+    def _on_result(self, link: PipelineLink, step_id: int, tokens, timings) -> None:
+        if link is self.link:  # a result of a stream already given up is history the replay recomputes
+            self.metrics.stage_timings(timings)
+            self.scheduler.on_result(step_id, tokens)
+
+    def _on_step_failure(self, link: PipelineLink, step_id: int, error: StagemeshError) -> None:
+        """UNAVAILABLE (e.g. an expert worker gone) is a lost worker, handled like a broken stream: the
+        requests are held and replayed. Other codes (out of memory) fail that step's requests only."""
+        if link is not self.link:
+            return
+        if error.code == "UNAVAILABLE":
+            return self._on_failure(error)
+        self.scheduler.on_step_failure(step_id, error)
 
     def _on_failure(self, error: StagemeshError) -> None:
         self._spawn(self._recover(self.link, error))
@@ -117,8 +156,21 @@ class Gateway:
             log.error("background task failed", exc_info=task.exception())
 
     async def _recover(self, failed: PipelineLink | None, error: StagemeshError) -> None:
+        """A broken stream: if it was UNAVAILABLE, hold the requests and wait for the coordinator to
+        declare what happened (follow() replays or fails them); if the topology stays the same, or the
+        error was of another kind, the requests fail and the next ones get a fresh stream."""
         if failed is not self.link:
             return
+        if error.code != "UNAVAILABLE":
+            return await self._fail_and_reopen(error)
+        await self._suspend(str(error))
+        epoch = failed.epoch
+        await asyncio.sleep(self.opts.failure_grace)
+        t = self.topology
+        if self.link is None and self.scheduler.suspended and t is not None and t.ready and t.pipeline_epoch == epoch:
+            await self._fail_and_reopen(error)
+
+    async def _fail_and_reopen(self, error: StagemeshError) -> None:
         await self._detach(error)
         await asyncio.sleep(0.5)
         if self.link is None and self.topology is not None and self.topology.ready:

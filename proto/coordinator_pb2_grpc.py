@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_unary(
+                '/stagemesh.v1.Coordinator/Events',
+                request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.EventList.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -119,6 +124,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Membership and epoch changes, oldest first, with their times and causes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +168,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.ClusterStatus.SerializeToString,
+            ),
+            'Events': grpc.unary_unary_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.FromString,
+                    response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.EventList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +364,33 @@ class Coordinator:
             '/stagemesh.v1.Coordinator/Status',
             stagemesh_dot_proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
             stagemesh_dot_proto_dot_coordinator__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.Coordinator/Events',
+            stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.SerializeToString,
+            stagemesh_dot_proto_dot_coordinator__pb2.EventList.FromString,
             options,
             channel_credentials,
             insecure,

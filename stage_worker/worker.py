@@ -48,6 +48,8 @@ class StageRuntime:
         self.pipeline_known = asyncio.Event()  # set once the topology named every stage's leader
         self.experts = ExpertDirectory()
         self.broken: str | None = None
+        self.group_lost = asyncio.Event()  # set from the compute thread when a collective failed
+        self._loop = asyncio.get_running_loop()
 
     @property
     def ready(self) -> bool:
@@ -80,9 +82,16 @@ class StageRuntime:
             raise StagemeshError(f"stage {self.stage} failed this step: {e!r}") from None
 
     def _break(self, reason: str) -> Unavailable:
+        """Called on the compute thread; the process then leaves (leave_when_group_lost)."""
         self.broken = f"stage {self.stage}: {reason}"
         log.error("%s", self.broken)
+        self._loop.call_soon_threadsafe(self.group_lost.set)
         return Unavailable(self.broken)
+
+    async def leave_when_group_lost(self) -> None:
+        """A broken group is not repaired in place: the process leaves, its role goes to a spare."""
+        await self.group_lost.wait()
+        raise Unavailable(f"{self.broken}; leaving so that a spare takes this role")
 
     def on_epoch(self, epoch: int) -> None:
         """The coordinator's pipeline epoch, from heartbeats and the topology watch."""
@@ -141,7 +150,7 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
     await _report_ready(client, assignment, runtime)
     await set_serving(health, [SERVICE], True)
-    background = [heartbeat, _watch(client, runtime)]
+    background = [heartbeat, _watch(client, runtime), runtime.leave_when_group_lost()]
     if runtime.group and runtime.group.rank > 0:
         background.append(loop.run_in_executor(runtime.executor, runtime.follow_leader))
     code = 0
@@ -164,7 +173,7 @@ async def _register(opts: StageWorkerOptions, address: str, device: torch.device
     request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
     if opts.stage is not None or opts.tp_rank is not None:
         request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
-    assignment = await client.register(request, timeout=opts.group_timeout + opts.connect_timeout)
+    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
     log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.spec.model_dir)
     return client, assignment
 

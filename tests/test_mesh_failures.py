@@ -142,7 +142,7 @@ def test_dead_worker_fails_requests_with_unavailable(mesh):
     while time.monotonic() < deadline and cluster_status(mesh.coordinator).topology.ready:
         time.sleep(0.2)
     status = cluster_status(mesh.coordinator)
-    assert not status.topology.ready and "down: stage 1 rank 0" in status.topology.reason
+    assert not status.topology.ready and "stage 1 rank 0 is down, no spare" in status.topology.reason
 
 
 def test_a_dead_tp_peer_fails_requests_with_unavailable_without_hanging(checkpoint):

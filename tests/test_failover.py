@@ -1,0 +1,231 @@
+"""Failover with exact replay: a worker is killed mid-stream, a spare takes its role, and every stream
+continues token-for-token as on a run without the failure (real processes, float64, loopback).
+
+Each test that kills owns its mesh. The failure-free reference is the same requests on the same mesh before
+the kill: same processes, same numerics."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from stagemesh.coordinator.client import cluster_status
+from stagemesh.gateway.client import Client, GatewayError, GenerationParams
+from support import MeshProcess
+
+MAX_TOKENS = 120
+ARGS = ("--dtype", "float64", "--max-step-tokens", "32", "--kv-memory", "32MiB")
+
+
+def _prompts(n: int) -> list[list[int]]:
+    return [[(11 * i + 7 * j) % 400 + 3 for j in range(5 + i % 7)] for i in range(n)]
+
+
+class Streams:
+    """n concurrent streams, each collecting its deltas; `started` once every stream has a token."""
+
+    def __init__(self, gateway: str, requests: list[GenerationParams]) -> None:
+        self.requests = requests
+        self.deltas: list[list[list[int]]] = [[] for _ in requests]
+        self.finished = [False] * len(requests)
+        self.errors: list[GatewayError | None] = [None] * len(requests)
+        self.ended_at: list[float] = [0.0] * len(requests)
+        self.threads = [
+            threading.Thread(target=self._run, args=(gateway, i), daemon=True) for i in range(len(requests))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, gateway: str, i: int) -> None:
+        with Client(gateway, timeout=120) as client:
+            try:
+                for part in client.stream(self.requests[i]):
+                    if part.token_ids:
+                        self.deltas[i].append(list(part.token_ids))
+                self.finished[i] = True
+            except GatewayError as e:
+                self.errors[i] = e
+            self.ended_at[i] = time.monotonic()
+
+    def wait_all_started(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(self.deltas) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert all(self.deltas), "not every stream got a token"
+
+    def tokens(self, i: int) -> list[int]:
+        return [t for d in self.deltas[i] for t in d]
+
+    def join(self, timeout: float = 120) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+
+def _reference(gateway: str, requests: list[GenerationParams]) -> list[list[int]]:
+    with Client(gateway, timeout=120) as client:
+        return [list(client.generate(r).token_ids) for r in requests]
+
+
+def _wait_spares(mesh: MeshProcess, count: int, timeout: float = 60) -> None:
+    """Until `coordctl status` lists `count` spares."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _coordctl("status", "--coordinator", mesh.coordinator, "--json")
+        if len(status["spares"]) >= count and status["ready"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{count} spares did not register")
+
+
+def _worker_process(mesh: MeshProcess, role: str):
+    """The process serving `role` ("stage 1 rank 0", "expert worker 0"), found by its address's port."""
+    import psutil
+
+    status = cluster_status(mesh.coordinator)
+    (worker,) = [w for w in status.workers if w.role.startswith(role)]
+    port = int(worker.address.rsplit(":", 1)[1])
+    for child in psutil.Process(mesh.proc.pid).children(recursive=True):
+        if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")):
+            return child
+    raise LookupError(role)
+
+
+def _kill_mid_stream(mesh: MeshProcess, role: str, requests: list[GenerationParams]) -> Streams:
+    victim = _worker_process(mesh, role)
+    streams = Streams(mesh.gateway, requests)
+    streams.wait_all_started()
+    victim.kill()
+    assert not any(streams.finished) and not any(streams.errors), "a stream ended before the kill"
+    streams.join()
+    return streams
+
+
+def _assert_exact(streams: Streams, expected: list[list[int]]) -> None:
+    for i, want in enumerate(expected):
+        assert streams.errors[i] is None, f"stream {i}: {streams.errors[i]}"
+        assert streams.finished[i]
+        assert streams.tokens(i) == want, f"stream {i} differs from the failure-free run"
+
+
+def _greedy(n: int) -> list[GenerationParams]:
+    return [GenerationParams(p, max_tokens=MAX_TOKENS, ignore_eos=True) for p in _prompts(n)]
+
+
+@pytest.fixture
+def pp2_two_spares(checkpoint):
+    mesh = MeshProcess(checkpoint("llama"), "--pp", "2", "--spares", "2", *ARGS)
+    _wait_spares(mesh, 2)
+    yield mesh
+    mesh.stop()
+
+
+def test_killed_stage_workers_are_replaced_and_every_stream_continues_exactly(pp2_two_spares):
+    """Two failures one after the other (stage 1's leader, then stage 0's, with a second spare): the 16
+    greedy streams of each round finish equal to the failure-free run, deltas concatenated."""
+    mesh = pp2_two_spares
+    requests = _greedy(16)
+    expected = _reference(mesh.gateway, requests)
+    _assert_exact(_kill_mid_stream(mesh, "stage 1 rank 0", requests), expected)
+    _assert_exact(_kill_mid_stream(mesh, "stage 0 rank 0", requests), expected)
+    status = cluster_status(mesh.coordinator)
+    assert status.topology.ready and not status.spares
+    assert _reference(mesh.gateway, requests[:2]) == expected[:2]
+    events = _coordctl("events", "--coordinator", mesh.coordinator, "--json")
+    dead = [e for e in events if e["kind"] == "dead"]
+    assert [e["detail"].split(" at ")[0] for e in dead] == ["stage 1 rank 0", "stage 0 rank 0"]
+    assert "no heartbeat" in dead[0]["detail"]
+    assert len([e for e in events if e["kind"] == "takeover"]) == 2
+
+
+def _coordctl(*args: str):
+    import json
+
+    from click.testing import CliRunner
+    from stagemesh.coordinator.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code in (0, 1), result.output  # status: 1 = not fully serving
+    return json.loads(result.output)
+
+
+def test_seeded_sampling_across_a_failure_equals_the_failure_free_run(checkpoint):
+    mesh = MeshProcess(checkpoint("llama"), "--pp", "2", "--spares", "1", *ARGS)
+    try:
+        _wait_spares(mesh, 1)
+        requests = [
+            GenerationParams(p, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.8, seed=7) for p in _prompts(4)
+        ]
+        expected = _reference(mesh.gateway, requests)
+        assert len({tuple(e) for e in expected}) > 1
+        _assert_exact(_kill_mid_stream(mesh, "stage 1 rank 0", requests), expected)
+    finally:
+        mesh.stop()
+
+
+def test_without_a_spare_requests_fail_fast_and_a_new_worker_restores_service(checkpoint):
+    mesh = MeshProcess(checkpoint("llama"), "--pp", "2", *ARGS)
+    try:
+        requests = _greedy(4)
+        expected = _reference(mesh.gateway, requests)
+        victim = _worker_process(mesh, "stage 1 rank 0")
+        streams = Streams(mesh.gateway, requests)
+        streams.wait_all_started()
+        victim.kill()
+        killed_at = time.monotonic()
+        streams.join()
+        for i, error in enumerate(streams.errors):
+            assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE, f"stream {i}: {error}"
+            assert streams.ended_at[i] - killed_at < 5.0
+        with Client(mesh.gateway, timeout=30) as client, pytest.raises(GatewayError) as e:
+            client.generate(GenerationParams([1, 2], max_tokens=2), timeout=20)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "stage 1 rank 0 is down, no spare" in str(e.value)
+        survivors = [c for c in mesh.children if c.pid != victim.pid]
+        assert all(c.is_running() for c in survivors)
+        worker = _start_worker(mesh)
+        deadline = time.monotonic() + 60
+        while not cluster_status(mesh.coordinator).topology.ready and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert _reference(mesh.gateway, requests) == expected
+        worker.terminate()
+        worker.wait(30)
+    finally:
+        mesh.stop()
+
+
+def _start_worker(mesh: MeshProcess):
+    import subprocess
+    import sys
+
+    from support import child_env
+
+    argv = [sys.executable, "-m", "stagemesh.cli", "stage-worker", "--coordinator", mesh.coordinator]
+    argv += ["--threads", "1", "--kv-memory", "32MiB"]
+    return subprocess.Popen(argv, env=child_env(), stdout=subprocess.DEVNULL)
+
+
+def test_a_killed_expert_worker_without_replica_is_replaced_by_an_expert_spare(checkpoint):
+    mesh = MeshProcess(checkpoint("mixtral"), "--ep", "2", "--expert-spares", "1", *ARGS)
+    try:
+        _wait_spares(mesh, 1)
+        requests = _greedy(4)
+        expected = _reference(mesh.gateway, requests)
+        _assert_exact(_kill_mid_stream(mesh, "expert worker 0", requests), expected)
+    finally:
+        mesh.stop()
+
+
+def test_tp2_pp2_a_killed_rank_is_replaced_and_every_stream_continues_exactly(checkpoint):
+    """A broken TP group is not repaired in place: the stage's surviving rank leaves too, and two spares
+    take the stage's two roles (see docs/reliability.md)."""
+    mesh = MeshProcess(checkpoint("llama"), "--tp", "2", "--pp", "2", "--spares", "2", *ARGS)
+    try:
+        _wait_spares(mesh, 2)
+        requests = _greedy(16)
+        expected = _reference(mesh.gateway, requests)
+        _assert_exact(_kill_mid_stream(mesh, "stage 1 rank 1", requests), expected)
+    finally:
+        mesh.stop()
