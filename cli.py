@@ -280,6 +280,13 @@ def coordinator_command(
     "--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator."
 )
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
+@click.option(
+    "--compile",
+    "compile_decode",
+    is_flag=True,
+    help="Decode through torch.compile graphs captured at start-up (buckets: STAGEMESH_COMPILE_BUCKETS); "
+    "prefill stays eager. Held to tolerances against eager, not to bit-exactness.",
+)
 @security_options
 def stage_worker_command(
     coordinator,
@@ -295,6 +302,7 @@ def stage_worker_command(
     model_dir,
     connect_timeout,
     metrics_port,
+    compile_decode,
 ) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
     from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
@@ -313,6 +321,7 @@ def stage_worker_command(
         tp_rank=tp_rank,
         dist_port=dist_port,
         kv_memory=kv_memory,
+        compile=compile_decode,
     )
     _serve(run_stage_worker(opts))
 
@@ -424,6 +433,12 @@ def gateway_command(
 @click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
 @click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
+@click.option(
+    "--compile",
+    "compile_decode",
+    is_flag=True,
+    help="Stage workers decode through torch.compile graphs captured at start-up (see stage-worker --compile).",
+)
 @security_options
 def up_command(
     config,
@@ -444,6 +459,7 @@ def up_command(
     metrics_port,
     host,
     port,
+    compile_decode,
 ) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
     from stagemesh.deploy.launcher import MeshLayout, run_cluster_up, run_up
@@ -472,6 +488,7 @@ def up_command(
             max_queue=max_queue,
             max_running=max_running,
             metrics_port=metrics_port,
+            compile=compile_decode,
         )
     )
 
@@ -494,6 +511,7 @@ _LAYOUT_PARAMS = (
     "metrics_port",
     "host",
     "port",
+    "compile_decode",
 )
 
 

@@ -37,6 +37,7 @@ def status_dict(status: pb.ClusterStatus) -> dict:
                     {"layer": l.layer, "expert_ids": list(l.expert_ids), "tokens": list(l.tokens)}
                     for l in w.expert_load
                 ],
+                "compile": _compile_dict(w) if w.HasField("compile") else None,
             }
         )
     gateway = None
@@ -66,6 +67,24 @@ def status_dict(status: pb.ClusterStatus) -> dict:
         "workers": workers,
         "gateway": gateway,
     }
+
+
+def _compile_dict(w: pb.WorkerStatus) -> dict:
+    c = w.compile
+    return {
+        "graphs": c.graphs,
+        "warmup_seconds": round(c.warmup_seconds, 2),
+        "compiled_steps": c.compiled_steps,
+        "eager_steps": c.eager_steps,
+        "buckets": c.buckets,
+    }
+
+
+def _compiled_cell(c: dict | None) -> str:
+    """'3 graphs, 41.2 s warm-up, 120/8 steps' (compiled / eager steps), or '-' for an eager worker."""
+    if not c:
+        return "-"
+    return f"{c['graphs']} graphs, {c['warmup_seconds']:.1f} s warm-up, {c['compiled_steps']}/{c['eager_steps']} steps"
 
 
 def expert_imbalance(load: list[dict]) -> float | None:
@@ -101,6 +120,7 @@ def render(data: dict, console) -> None:
         "KV used / cap",
         "steps",
         "busy s",
+        "compiled",
     ):
         table.add_column(col)
     all_load = []
@@ -117,6 +137,7 @@ def render(data: dict, console) -> None:
             kv,
             str(w["steps"]),
             f"{w['busy_seconds']:.2f}",
+            _compiled_cell(w.get("compile")),
         )
         all_load += w["expert_load"]
     console.print(table)

@@ -40,6 +40,7 @@ class MeshLayout:
     max_queue: int = 256
     max_running: int = 256
     metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
+    compile: bool = False  # stage workers decode through compiled graphs (--compile)
 
     @property
     def workers(self) -> int:
@@ -86,6 +87,7 @@ def stage_worker_command(
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
     argv += ["--device", site.device, "--stage", str(stage), "--tp-rank", str(rank)]
+    argv += ["--compile"] if layout.compile else []
     return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
 
 

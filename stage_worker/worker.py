@@ -14,6 +14,7 @@ import psutil
 import torch
 from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
 from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.models.compiled import CompiledDecode, CompileOptions
 from stagemesh.models.engine import parse_dtype
 from stagemesh.models.loader import build_model
 from stagemesh.models.plan import StageSpec
@@ -39,6 +40,9 @@ class StageWorkerOptions(WorkerOptions):
     dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
     kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
     group_timeout: float = 120.0
+    compile: bool = (
+        False  # decode through torch.compile graphs (models.compiled); buckets from STAGEMESH_COMPILE_BUCKETS
+    )
 
 
 class StageRuntime:
@@ -84,6 +88,7 @@ class StageRuntime:
             kv_blocks_used=sum(link.table.blocks_used for link in self.links),
             steps=engine.steps if engine else 0,
             busy_seconds=engine.busy_seconds if engine else 0.0,
+            compile=_compile_info(engine.runner.compiled) if engine and engine.runner.compiled else None,
         )
 
     def follow_leader(self) -> None:
@@ -171,7 +176,22 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
     blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))
     runtime.num_blocks, runtime.block_size = blocks, plan.block_size
     runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
-    return StageEngine(ModelRunner(model, blocks, plan.block_size, device))
+    compile_options = CompileOptions.from_env() if opts.compile else None
+    runner = ModelRunner(model, blocks, plan.block_size, device, compile=compile_options)
+    if runner.compiled is not None:  # every TP rank compiles the same buckets in the same order (collectives)
+        runner.compiled.warm_up()
+    return StageEngine(runner)
+
+
+def _compile_info(compiled: CompiledDecode) -> cpb.CompileInfo:
+    s = compiled.stats
+    return cpb.CompileInfo(
+        graphs=s.graphs,
+        warmup_seconds=s.warmup_seconds,
+        compiled_steps=s.compiled_steps,
+        eager_steps=s.eager_steps,
+        buckets=compiled.describe_buckets(),
+    )
 
 
 async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
