@@ -580,7 +580,7 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["decode", "serving", "parallel", "memory", "experts"]),
+    type=click.Choice(["decode", "compiled", "serving", "parallel", "memory", "experts"]),
     help="Run only these families of rows (repeatable); default: all.",
 )
 def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:

@@ -28,6 +28,13 @@ ROWS = {
     "moe_decode",
     "expert_ffn",
     "tp_dispatch",
+    "compiled_fp32_b1",
+    "compiled_roofline",
+    "compiled_fp32_b8",
+    "compiled_bf16_b1",
+    "compiled_bf16_b8",
+    "compiled_mesh_decode",
+    "compiled_mixed_throughput",
 }
 
 
@@ -37,7 +44,7 @@ def _finite(x) -> bool:
 
 def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
     cmd = [sys.executable, "-m", "stagemesh.cli", "bench", "--suite", "smoke", "--out", "out"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420)  # compiled rows compile
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "out"
     data = json.loads((out / "results.json").read_text())
