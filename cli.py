@@ -3,53 +3,19 @@ heavy imports (torch) happen inside commands so `stagemesh --help` and the light
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import click
-from stagemesh.errors import StagemeshError
-
-
-class StagemeshGroup(click.Group):
-    """Reports a StagemeshError as one line on stderr with exit code 2, never a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except StagemeshError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
-
-
-def security_options(command):
-    """--tls-cert/--tls-key/--tls-ca, --cluster-token, --client-token, --insecure (also STAGEMESH_* variables);
-    they configure this process and are inherited by the processes it starts."""
-    import functools
-
-    options = [
-        click.option("--tls-cert", envvar="STAGEMESH_TLS_CERT", help="This component's certificate (PEM): mutual TLS."),
-        click.option("--tls-key", envvar="STAGEMESH_TLS_KEY", help="Its private key (PEM)."),
-        click.option("--tls-ca", envvar="STAGEMESH_TLS_CA", help="The cluster CA certificate peers must be signed by."),
-        click.option("--cluster-token", envvar="STAGEMESH_CLUSTER_TOKEN", help="Bearer token of internal services."),
-        click.option("--client-token", envvar="STAGEMESH_CLIENT_TOKEN", help="Bearer token of the public API."),
-        click.option(
-            "--insecure",
-            is_flag=True,
-            envvar="STAGEMESH_INSECURE",
-            help="Allow listening beyond loopback with neither TLS nor a token.",
-        ),
-    ]
-
-    @functools.wraps(command)
-    def configured(*args, tls_cert, tls_key, tls_ca, cluster_token, client_token, insecure, **kwargs):
-        from stagemesh.proto.security import Security, configure
-
-        configure(Security(tls_cert, tls_key, tls_ca, cluster_token, client_token, insecure))
-        return command(*args, **kwargs)
-
-    for option in reversed(options):
-        configured = option(configured)
-    return configured
+from stagemesh.coordinator.server import CoordinatorOptions
+from stagemesh.deploy.commands import MeshLayout
+from stagemesh.gateway.scheduler import SchedulerLimits
+from stagemesh.gateway.service import GatewayOptions
+from stagemesh.models.dtypes import SERVING_DTYPES
+from stagemesh.models.presets import ARCHS, PRESETS
+from stagemesh.options import StagemeshGroup, option, security_options
+from stagemesh.workers import ExpertWorkerOptions, StageWorkerOptions
 
 
 @click.group(cls=StagemeshGroup)
@@ -59,12 +25,10 @@ def main() -> None:
 
 
 @main.command("make-checkpoint")
-@click.option(
-    "--arch", type=click.Choice(["llama", "mistral", "qwen2", "mixtral"]), required=True, help="Architecture."
-)
+@click.option("--arch", type=click.Choice(ARCHS), required=True, help="Architecture.")
 @click.option(
     "--preset",
-    type=click.Choice(["tiny", "small", "bench"]),
+    type=click.Choice(PRESETS),
     default="tiny",
     show_default=True,
     help="Size: tiny (tests), small (demos), bench (~250M, benchmarks).",
@@ -73,7 +37,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float64"]),
+    type=click.Choice(SERVING_DTYPES),
     default="float32",
     show_default=True,
     help="Dtype the weights are stored in.",
@@ -112,7 +76,7 @@ def _ids(text: str | None) -> list[int] | None:
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate at most.")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float64"]),
+    type=click.Choice(SERVING_DTYPES),
     default="float32",
     show_default=True,
     help="Compute dtype (reference engine only; a mesh's is set by `up`).",
@@ -182,218 +146,196 @@ def _serve(coro) -> None:
     asyncio.run(coro)
 
 
+def _layout_options(command):
+    """--tp/--pp/--ep/--layers/--expert-placement/--expert-replicas/--dtype, defaults from LayoutOptions."""
+    from stagemesh.models.dtypes import SERVING_DTYPES
+    from stagemesh.models.plan import PLACEMENTS, LayoutOptions
+
+    options = [
+        option(LayoutOptions, "tp", "--tp", type=int, help="Tensor-parallel ranks per stage."),
+        option(LayoutOptions, "pp", "--pp", type=int, help="Pipeline stages."),
+        option(LayoutOptions, "ep", "--ep", type=int, help="Expert workers (MoE); 0 keeps experts in the stages."),
+        option(
+            LayoutOptions,
+            "layers",
+            "--layers",
+            help="Layer range per stage, inclusive: 0-9,10-31; or `balanced` (the last stage, which "
+            "also streams the LM head, gets fewer layers). Default: an even split.",
+        ),
+        option(
+            LayoutOptions,
+            "expert_placement",
+            "--expert-placement",
+            type=click.Choice(PLACEMENTS),
+            help="How experts are spread over expert workers.",
+        ),
+        option(
+            LayoutOptions,
+            "expert_replicas",
+            "--expert-replicas",
+            help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.",
+        ),
+        option(
+            LayoutOptions,
+            "dtype",
+            "--dtype",
+            type=click.Choice(SERVING_DTYPES),
+            help="Weights and activations dtype on every worker.",
+        ),
+    ]
+    for decorate in reversed(options):
+        command = decorate(command)
+    return command
+
+
+def _worker_options(command):
+    """What every worker command takes (WorkerOptions' fields, with its defaults)."""
+    from stagemesh.workers import WorkerOptions as W
+
+    options = [
+        option(W, "coordinator", "--coordinator", help="HOST:PORT of the coordinator."),
+        option(W, "device", "--device", help="cpu or cuda[:N]."),
+        option(W, "host", "--host", help="Address to listen on."),
+        option(W, "port", "--port", type=int, help="Port (0 = a free one)."),
+        option(W, "advertise", "--advertise", help="Host the other components reach this worker at (default: --host)."),
+        option(W, "threads", "--threads", type=int, help="torch threads for this worker."),
+        option(
+            W, "model_dir", "--model", help="Checkpoint directory on this host, if not where the coordinator has it."
+        ),
+        option(W, "connect_timeout", "--connect-timeout", type=float, help="Seconds to reach the coordinator."),
+        option(W, "metrics_port", "--metrics-port", type=int, help="Serve Prometheus /metrics here (0 = a free one)."),
+    ]
+    for decorate in reversed(options):
+        command = decorate(command)
+    return command
+
+
+def _limits_options(owner: type):
+    """--max-step-tokens/--max-queue/--max-running; `owner` is SchedulerLimits or a dataclass taking its defaults."""
+
+    def decorate(command):
+        options = [
+            option(
+                owner,
+                "max_step_tokens",
+                "--max-step-tokens",
+                type=int,
+                help="Token budget of one step (chunked prefill).",
+            ),
+            option(
+                owner,
+                "max_queue",
+                "--max-queue",
+                type=int,
+                help="Requests waiting for KV space before RESOURCE_EXHAUSTED.",
+            ),
+            option(owner, "max_running", "--max-running", type=int, help="Sequences running at once."),
+        ]
+        for o in reversed(options):
+            command = o(command)
+        return command
+
+    return decorate
+
+
 @main.command("coordinator")
-@click.option("--model", "model_dir", required=True, help="Checkpoint directory (as the workers see it).")
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
-@click.option(
-    "--ep", type=int, default=0, show_default=True, help="Expert workers (MoE); 0 keeps experts in the stages."
-)
-@click.option(
-    "--layers",
-    help="Layer range per stage, inclusive: 0-9,10-31; or `balanced` (the last stage, which "
-    "also streams the LM head, gets fewer layers). Default: an even split.",
-)
-@click.option(
-    "--expert-placement",
-    type=click.Choice(["contiguous", "round-robin"]),
-    default="contiguous",
-    show_default=True,
-    help="How experts are spread over expert workers.",
-)
-@click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float64", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Weights and activations dtype on every worker.",
-)
-@click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size in tokens.")
-@click.option("--max-model-len", type=int, default=0, help="Context limit (default: the model's).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one, printed when ready).")
-@click.option(
+@option(CoordinatorOptions, "model_dir", "--model", help="Checkpoint directory (as the workers see it).")
+@_layout_options
+@option(CoordinatorOptions, "block_size", "--block-size", type=int, help="KV cache block size in tokens.")
+@option(CoordinatorOptions, "max_model_len", "--max-model-len", type=int, help="Context limit (0: the model's).")
+@option(CoordinatorOptions, "host", "--host", help="Address to listen on.")
+@option(CoordinatorOptions, "port", "--port", type=int, help="Port (0 = a free one, printed when ready).")
+@option(
+    CoordinatorOptions,
+    "heartbeat_timeout",
     "--heartbeat-timeout",
     type=float,
-    default=5.0,
-    show_default=True,
     help="Seconds of silence before a worker is marked down.",
 )
 @security_options
-def coordinator_command(
-    model_dir,
-    tp,
-    pp,
-    ep,
-    layers,
-    expert_placement,
-    expert_replicas,
-    dtype,
-    block_size,
-    max_model_len,
-    host,
-    port,
-    heartbeat_timeout,
-) -> None:
+def coordinator_command(**fields) -> None:
     """Run the coordinator: validate the plan, assign roles to workers, publish the topology."""
-    from stagemesh.coordinator.server import CoordinatorOptions, build_roster, serve
+    from stagemesh.coordinator.server import build_roster, serve
 
-    opts = CoordinatorOptions(
-        model_dir,
-        tp,
-        pp,
-        ep,
-        layers,
-        expert_placement,
-        expert_replicas,
-        dtype,
-        block_size,
-        max_model_len,
-        host,
-        port,
-        heartbeat_timeout,
-    )
+    opts = CoordinatorOptions(**fields)
     build_roster(opts)  # refuse an impossible plan before anything listens
     _serve(serve(opts))
 
 
 @main.command("stage-worker")
-@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
-@click.option("--advertise", help="Host other components reach this worker at (default: --host).")
-@click.option("--threads", type=int, help="torch threads for this worker.")
-@click.option("--stage", type=int, help="Ask for this pipeline stage (default: the next free role).")
-@click.option("--tp-rank", type=int, help="Ask for this TP rank within the stage.")
-@click.option(
+@_worker_options
+@option(
+    StageWorkerOptions, "stage", "--stage", type=int, help="Ask for this pipeline stage (default: the next free role)."
+)
+@option(StageWorkerOptions, "tp_rank", "--tp-rank", type=int, help="Ask for this TP rank within the stage.")
+@option(
+    StageWorkerOptions,
+    "dist_port",
     "--dist-port",
     type=int,
-    default=0,
-    show_default=True,
     help="Port of the stage's torch.distributed store when this worker is TP rank 0 (0 = free).",
 )
-@click.option("--kv-memory", help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).")
-@click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
-@click.option(
-    "--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator."
+@option(
+    StageWorkerOptions,
+    "kv_memory",
+    "--kv-memory",
+    help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).",
 )
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
-@click.option(
+@option(
+    StageWorkerOptions,
+    "compile",
     "--compile",
-    "compile_decode",
     is_flag=True,
     help="Decode through torch.compile graphs captured at start-up (buckets: STAGEMESH_COMPILE_BUCKETS); "
     "prefill stays eager. Held to tolerances against eager, not to bit-exactness.",
 )
 @security_options
-def stage_worker_command(
-    coordinator,
-    device,
-    host,
-    port,
-    advertise,
-    threads,
-    stage,
-    tp_rank,
-    dist_port,
-    kv_memory,
-    model_dir,
-    connect_timeout,
-    metrics_port,
-    compile_decode,
-) -> None:
+def stage_worker_command(**fields) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
-    from stagemesh.stage_worker.worker import StageWorkerOptions, run_stage_worker
+    from stagemesh.stage_worker.worker import run_stage_worker
 
-    opts = StageWorkerOptions(
-        coordinator,
-        device,
-        host,
-        port,
-        advertise,
-        threads,
-        model_dir,
-        connect_timeout,
-        metrics_port,
-        stage=stage,
-        tp_rank=tp_rank,
-        dist_port=dist_port,
-        kv_memory=kv_memory,
-        compile=compile_decode,
-    )
-    _serve(run_stage_worker(opts))
+    _serve(run_stage_worker(StageWorkerOptions(**fields)))
 
 
 @main.command("expert-worker")
-@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
-@click.option("--advertise", help="Host the stages reach this worker at (default: --host).")
-@click.option("--threads", type=int, help="torch threads for this worker.")
-@click.option("--expert-worker-index", type=int, help="Ask for this expert worker role (default: the next free one).")
-@click.option("--model", "model_dir", help="Checkpoint directory on this host, if not where the coordinator has it.")
-@click.option(
-    "--connect-timeout", type=float, default=30.0, show_default=True, help="Seconds to reach the coordinator."
+@_worker_options
+@option(
+    ExpertWorkerOptions,
+    "expert_worker_index",
+    "--expert-worker-index",
+    type=int,
+    help="Ask for this expert worker role (default: the next free one).",
 )
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 @security_options
-def expert_worker_command(
-    coordinator, device, host, port, advertise, threads, expert_worker_index, model_dir, connect_timeout, metrics_port
-) -> None:
+def expert_worker_command(**fields) -> None:
     """Run an expert worker: a subset of the experts of every MoE layer (expert parallelism)."""
-    from stagemesh.expert_worker.worker import ExpertWorkerOptions, run_expert_worker
+    from stagemesh.expert_worker.worker import run_expert_worker
 
-    _serve(
-        run_expert_worker(
-            ExpertWorkerOptions(
-                coordinator,
-                device,
-                host,
-                port,
-                advertise,
-                threads,
-                model_dir,
-                connect_timeout,
-                metrics_port,
-                expert_worker_index=expert_worker_index,
-            )
-        )
-    )
+    _serve(run_expert_worker(ExpertWorkerOptions(**fields)))
 
 
 @main.command("gateway")
-@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=0, show_default=True, help="Port (0 = a free one).")
-@click.option("--advertise", help="Host clients reach the gateway at (default: --host).")
-@click.option("--model", "model_dir", help="Checkpoint directory on this host (tokenizer, config), if not the plan's.")
-@click.option(
-    "--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step (chunked prefill)."
+@option(GatewayOptions, "coordinator", "--coordinator", help="HOST:PORT of the coordinator.")
+@option(GatewayOptions, "host", "--host", help="Address to listen on.")
+@option(GatewayOptions, "port", "--port", type=int, help="Port (0 = a free one).")
+@option(GatewayOptions, "advertise", "--advertise", help="Host clients reach the gateway at (default: --host).")
+@option(
+    GatewayOptions,
+    "model_dir",
+    "--model",
+    help="Checkpoint directory on this host (tokenizer, config), if not the plan's.",
 )
-@click.option(
-    "--max-queue",
-    type=int,
-    default=256,
-    show_default=True,
-    help="Requests waiting for KV space before RESOURCE_EXHAUSTED.",
+@_limits_options(SchedulerLimits)
+@option(
+    GatewayOptions, "metrics_port", "--metrics-port", type=int, help="Serve Prometheus /metrics here (0 = a free one)."
 )
-@click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port (0 = a free one).")
 @security_options
-def gateway_command(
-    coordinator, host, port, advertise, model_dir, max_step_tokens, max_queue, max_running, metrics_port
-) -> None:
+def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
     """Run the gateway: the public Generation API, continuous batching, pipelined micro-batches."""
-    from stagemesh.gateway.scheduler import SchedulerLimits
-    from stagemesh.gateway.service import GatewayOptions, run_gateway
+    from stagemesh.gateway.service import run_gateway
 
-    limits = SchedulerLimits(max_step_tokens, max_queue, max_running)
-    _serve(
-        run_gateway(GatewayOptions(coordinator, host, port, advertise, model_dir, limits, metrics_port=metrics_port))
-    )
+    limits = SchedulerLimits(max_step_tokens=max_step_tokens, max_queue=max_queue, max_running=max_running)
+    _serve(run_gateway(GatewayOptions(limits=limits, **fields)))
 
 
 @main.command("up")
@@ -403,124 +345,47 @@ def gateway_command(
     help="Cluster description (YAML): run all its hosts' services here, instead of the flags below.",
 )
 @click.option("--model", "model_dir", help="Checkpoint directory (required without --config).")
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks per stage.")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
-@click.option("--ep", type=int, default=0, show_default=True, help="Expert workers (MoE).")
-@click.option("--layers", help="Layer range per stage, inclusive: 0-9,10-31; or `balanced`. Default: an even split.")
-@click.option(
-    "--expert-placement",
-    type=click.Choice(["contiguous", "round-robin"]),
-    default="contiguous",
-    show_default=True,
-    help="How experts are spread over expert workers.",
+@_layout_options
+@option(MeshLayout, "device", "--device", help="cpu or cuda (workers spread over the GPUs).")
+@option(MeshLayout, "threads", "--threads", type=int, help="torch threads per worker (default: cores / workers).")
+@option(MeshLayout, "kv_memory", "--kv-memory", help="KV cache budget per worker, e.g. 64MiB.")
+@_limits_options(MeshLayout)
+@option(
+    MeshLayout,
+    "metrics_port",
+    "--metrics-port",
+    type=int,
+    help="Gateway Prometheus /metrics port (0 = a free one, logged).",
 )
-@click.option("--expert-replicas", help="Extra copies of hot experts: EXPERT=COPIES,... or all=COPIES.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (workers spread over the GPUs).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float64", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Compute dtype of every worker.",
-)
-@click.option("--threads", type=int, help="torch threads per worker (default: cores / workers).")
-@click.option("--kv-memory", help="KV cache budget per worker, e.g. 64MiB.")
-@click.option("--max-step-tokens", type=int, default=512, show_default=True, help="Token budget of one step.")
-@click.option(
-    "--max-queue", type=int, default=256, show_default=True, help="Requests waiting before RESOURCE_EXHAUSTED."
-)
-@click.option("--max-running", type=int, default=256, show_default=True, help="Sequences running at once.")
-@click.option("--metrics-port", type=int, help="Gateway Prometheus /metrics port (0 = a free one, logged).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address every service listens on.")
-@click.option("--port", type=int, default=0, show_default=True, help="Gateway port (0 = a free one).")
-@click.option(
+@option(MeshLayout, "host", "--host", help="Address every service listens on.")
+@option(MeshLayout, "port", "--port", type=int, help="Gateway port (0 = a free one).")
+@option(
+    MeshLayout,
+    "compile",
     "--compile",
-    "compile_decode",
     is_flag=True,
     help="Stage workers decode through torch.compile graphs captured at start-up (see stage-worker --compile).",
 )
 @security_options
-def up_command(
-    config,
-    model_dir,
-    tp,
-    pp,
-    ep,
-    layers,
-    expert_placement,
-    expert_replicas,
-    device,
-    dtype,
-    threads,
-    kv_memory,
-    max_step_tokens,
-    max_queue,
-    max_running,
-    metrics_port,
-    host,
-    port,
-    compile_decode,
-) -> None:
+def up_command(config, model_dir, **fields) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
-    from stagemesh.deploy.launcher import MeshLayout, run_cluster_up, run_up
+    from stagemesh.deploy.launcher import run_cluster_up, run_up
 
     if config is not None:
         _refuse_besides_config(click.get_current_context())
         return run_cluster_up(config)
     if model_dir is None:
         raise click.UsageError("give --model DIR (or --config FILE)")
-    run_up(
-        MeshLayout(
-            model_dir,
-            tp,
-            pp,
-            ep,
-            layers,
-            expert_placement,
-            expert_replicas,
-            dtype,
-            device,
-            threads,
-            kv_memory,
-            host,
-            port,
-            max_step_tokens=max_step_tokens,
-            max_queue=max_queue,
-            max_running=max_running,
-            metrics_port=metrics_port,
-            compile=compile_decode,
-        )
-    )
-
-
-_LAYOUT_PARAMS = (
-    "model_dir",
-    "tp",
-    "pp",
-    "ep",
-    "layers",
-    "expert_placement",
-    "expert_replicas",
-    "device",
-    "dtype",
-    "threads",
-    "kv_memory",
-    "max_step_tokens",
-    "max_queue",
-    "max_running",
-    "metrics_port",
-    "host",
-    "port",
-    "compile_decode",
-)
+    run_up(MeshLayout(model_dir=model_dir, **fields))
 
 
 def _refuse_besides_config(ctx: click.Context) -> None:
     """`up --config` takes the layout from the file; a layout flag beside it would be silently ignored."""
     from click.core import ParameterSource
 
+    layout = {f.name for f in dataclasses.fields(MeshLayout)}
     for param in ctx.command.params:
-        if param.name in _LAYOUT_PARAMS and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+        if param.name in layout and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
             raise click.UsageError(f"--config describes the whole mesh: drop {param.opts[0]} (or edit the file)")
 
 
@@ -543,8 +408,8 @@ def compose_command(config, out, check) -> None:
 @security_options
 def demo_command(model_dir, tp, pp, max_tokens) -> None:
     """Start the local mesh, show its status, stream a few requests at once, stop."""
+    from stagemesh.deploy.commands import MeshLayout
     from stagemesh.deploy.demo import run_demo
-    from stagemesh.deploy.launcher import MeshLayout
 
     run_demo(MeshLayout(model_dir, tp, pp, threads=1, kv_memory="64MiB"), max_tokens)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagemesh.benchmarks.suite import Suite
-from stagemesh.deploy.launcher import LocalMesh, MeshLayout
+from stagemesh.deploy.commands import MeshLayout
+from stagemesh.deploy.launcher import LocalMesh
 
 THREADS = 2  # the rows are defined for 2 cores: in-process sides use 2 torch threads, meshes 1 or 2 per worker
 

@@ -158,12 +158,13 @@ class ExpertLoad:
 
     def __init__(self, coordinator: str, batch: int) -> None:
         from stagemesh.coordinator.client import cluster_status
+        from stagemesh.coordinator.wire import plan_from_message
         from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
 
         t = cluster_status(coordinator).topology
-        groups = [set(g.expert_ids) for g in t.plan.expert_groups]
-        config = ModelConfig.from_dir(t.plan.model_dir)
-        owners = [[w for w, g in enumerate(groups) if e in g] for e in range(config.num_local_experts)]
+        plan = plan_from_message(t.plan)
+        config = ModelConfig.from_dir(plan.spec.model_dir)
+        owners = [plan.parallel.expert_owners(e) for e in range(config.num_local_experts)]
         directory = ExpertDirectory(tuple(t.expert_addresses), tuple(t.expert_alive))
         pool = ExpertPool(lambda: directory, timeout=60.0)
         self.layers = [RemoteExperts(i, owners, pool) for i in range(config.num_hidden_layers)]

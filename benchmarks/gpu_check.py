@@ -72,8 +72,7 @@ def llama_config(shape: str) -> dict:
 def write_checkpoint(out: Path, shape: str, device: str) -> Path:
     """Random bf16 weights made on `device` (fast), written as safetensors shards with an index."""
     from safetensors.torch import save_file
-    from stagemesh.models.config import ModelConfig
-    from stagemesh.models.loader import hf_shape
+    from stagemesh.models.config import ModelConfig, hf_shape
     from stagemesh.models.make_checkpoint import checkpoint_tensor_names
 
     raw = llama_config(shape)

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stagemesh.deploy.launcher import LocalMesh, MeshLayout
+from stagemesh.deploy.commands import MeshLayout
+from stagemesh.deploy.launcher import LocalMesh
 
 
 @dataclass(frozen=True)

@@ -157,13 +157,15 @@ def stage_balance(model_dir: str) -> str:
 
 def hop_row(ctx: BenchContext, pp2) -> Row:
     from stagemesh.coordinator.client import cluster_status
+    from stagemesh.coordinator.wire import plan_from_message
 
     ctx.advance("one stage hop")
     topology = cluster_status(pp2.coordinator).topology
-    hidden_size = topology.plan.hidden_size
+    plan = plan_from_message(topology.plan)
+    hidden_size = plan.hidden_size
     seqs = max(1, ctx.suite.hop_bytes // (hidden_size * 4))
     hidden = torch.randn(seqs, hidden_size)
-    args = (topology.stage_addresses[1], topology.pipeline_epoch, hidden, ctx.suite.hop_steps, topology.plan.block_size)
+    args = (topology.stage_addresses[1], topology.pipeline_epoch, hidden, ctx.suite.hop_steps, plan.spec.block_size)
     hop_overheads(*args[:3], 2, args[4])  # warm-up: connects the channel
     samples = [x * 1e3 for x in hop_overheads(*args)]
     kb = hidden.numel() * 4 / 1024

@@ -6,7 +6,7 @@ import json
 import sys
 
 import click
-from stagemesh.cli import StagemeshGroup, security_options
+from stagemesh.options import StagemeshGroup, security_options
 
 
 @click.group(cls=StagemeshGroup)

@@ -10,36 +10,29 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.coordinator.roster import Topology
+from stagemesh.coordinator.wire import plan_from_message, topology_from_message
+from stagemesh.errors import NotFound, StagemeshError, Unavailable
+from stagemesh.models.plan import MeshPlan
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel, channel
+from stagemesh.proto.rpc import aio_channel, channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.coordinator.client")
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
-    """What every worker process (stage or expert) needs to join a mesh: its coordinator, where it listens
-    and is reached, its device and threads, and where this host sees the checkpoint."""
+class Assignment:
+    """A worker's role, as the coordinator assigned it."""
 
-    coordinator: str
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = a free one
-    advertise: str | None = None  # the host others dial; default: --host
-    threads: int | None = None  # torch threads; None = torch's default
-    model_dir: str | None = None  # where this host sees the checkpoint, if not where the coordinator does
-    connect_timeout: float = 30.0
-    metrics_port: int | None = None  # Prometheus /metrics (0 = a free one); None = off
-
-
-def _describe(address: str, e: grpc.RpcError) -> StagemeshError:
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"coordinator at {address} is unreachable: {e.details()}")
-    error = StagemeshError(f"coordinator at {address}: {e.details()}")
-    error.code = e.code().name
-    return error
+    worker_id: str
+    kind: str
+    stage: int
+    tp_rank: int
+    expert_index: int
+    plan: MeshPlan
+    rendezvous: str  # host:port of the stage's store; empty for TP rank 0, who creates it
+    epoch: int
 
 
 class CoordinatorClient:
@@ -61,11 +54,13 @@ class CoordinatorClient:
         try:
             return await getattr(self.stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise _describe(self.address, e) from None
+            raise error_from_rpc(e, f"coordinator at {self.address}") from None
 
-    async def register(self, request: pb.RegisterRequest, timeout: float) -> pb.Assignment:
+    async def register(self, request: pb.RegisterRequest, timeout: float) -> Assignment:
         request.hostname = request.hostname or socket.gethostname()
-        return await self.call("Register", request, timeout=timeout)
+        a = await self.call("Register", request, timeout=timeout)
+        plan = plan_from_message(a.plan)
+        return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.rendezvous, a.epoch)
 
     async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 1.0):
         """Runs forever; a NOT_FOUND reply (the coordinator forgot us) ends it with an error."""
@@ -73,22 +68,20 @@ class CoordinatorClient:
             try:
                 reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
                 on_epoch(reply.epoch)
-            except Unavailable as e:
-                log.warning("%s", e)
+            except NotFound:
+                raise
             except StagemeshError as e:
-                if e.code == "NOT_FOUND":
-                    raise
                 log.warning("heartbeat: %s", e)
             await asyncio.sleep(interval)
 
-    async def topologies(self) -> AsyncIterator[pb.Topology]:
+    async def topologies(self) -> AsyncIterator[Topology]:
         """Every topology the coordinator publishes; reconnects when the stream breaks."""
         while True:
             try:
                 async for topology in self.stub.WatchTopology(pb.WatchRequest()):
-                    yield topology
+                    yield topology_from_message(topology)
             except grpc.aio.AioRpcError as e:
-                log.warning("topology watch: %s", _describe(self.address, e))
+                log.warning("topology watch: %s", error_from_rpc(e, f"coordinator at {self.address}"))
             await asyncio.sleep(1.0)
 
     async def close(self) -> None:
@@ -101,4 +94,4 @@ def cluster_status(address: str, timeout: float = 5.0) -> pb.ClusterStatus:
         try:
             return pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            raise _describe(address, e) from None
+            raise error_from_rpc(e, f"coordinator at {address}") from None

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from stagemesh.coordinator.model_presets import resolve_model
 from stagemesh.coordinator.model_shape import ModelShape, shard
 from stagemesh.coordinator.planner import (
-    DTYPE_BYTES,
     Assumptions,
     Hardware,
     LayoutCost,
@@ -21,6 +20,8 @@ from stagemesh.coordinator.planner import (
     plan,
 )
 from stagemesh.errors import FailedPrecondition, InvalidArgument
+from stagemesh.models.dtypes import PLANNING_DTYPES, lookup
+from stagemesh.models.plan import MeshPlan
 from stagemesh.units import format_bytes, parse_bandwidth, parse_bytes
 
 DEFAULT_CONTEXT = 4096  # tokens, capped at the model's positions
@@ -73,10 +74,10 @@ def _hardware(req: PlanRequest, gpus: int, memory: float, per_node: int) -> Hard
 
 
 def _workload(req: PlanRequest, shape: ModelShape, dtype: str) -> Workload:
-    if dtype.lower() not in DTYPE_BYTES:
-        raise InvalidArgument(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    if dtype.lower() not in PLANNING_DTYPES:
+        raise InvalidArgument(f"--dtype {dtype!r}: choose one of {', '.join(PLANNING_DTYPES)}")
     context = req.context if req.context is not None else min(DEFAULT_CONTEXT, shape.max_context)
-    return Workload(dtype_bytes=DTYPE_BYTES[dtype.lower()], batch=req.batch, context=context)
+    return Workload(dtype_bytes=lookup(dtype).bytes, batch=req.batch, context=context)
 
 
 # ---- a running cluster ----
@@ -85,28 +86,30 @@ def _workload(req: PlanRequest, shape: ModelShape, dtype: str) -> Workload:
 def _cluster_report(req: PlanRequest) -> dict:
     """Plans for the registered workers (their count, memory, hosts) and the mesh's own model and dtype."""
     from stagemesh.coordinator.client import cluster_status
+    from stagemesh.coordinator.wire import plan_from_message
 
     if req.gpus is not None:
         raise InvalidArgument("--from-cluster counts the registered workers; leave out --gpus")
     status = cluster_status(req.from_cluster, req.timeout)
-    workers, mesh = list(status.workers), status.topology.plan
+    workers, mesh = list(status.workers), plan_from_message(status.topology.plan)
     if not workers:
         raise FailedPrecondition(f"no workers are registered at {req.from_cluster}")
-    shape = resolve_model(req.model or mesh.model_dir)
+    shape = resolve_model(req.model or mesh.spec.model_dir)
     memory = parse_bytes(req.gpu_memory, "--gpu-memory") if req.gpu_memory else min(w.memory_bytes for w in workers)
     per_host = max(Counter(w.hostname for w in workers).values())
     per_node = per_host if req.gpus_per_node is None else req.gpus_per_node
-    hw, wl = _hardware(req, len(workers), memory, per_node), _workload(req, shape, req.dtype or mesh.dtype)
+    hw, wl = _hardware(req, len(workers), memory, per_node), _workload(req, shape, req.dtype or mesh.spec.dtype)
     report = result_dict(plan(shape, hw, wl, req.objective))
     report["cluster"] = cluster_check(shape, hw, wl, mesh, workers)
     return report
 
 
-def cluster_check(shape: ModelShape, hw: Hardware, wl: Workload, mesh, workers) -> dict:
+def cluster_check(shape: ModelShape, hw: Hardware, wl: Workload, mesh: MeshPlan, workers) -> dict:
     """The running layout's estimate and, per worker, predicted parameter bytes against what it loaded."""
-    groups = tuple(tuple(g.expert_ids) for g in mesh.expert_groups)
-    shards = shard(shape, mesh.tp, mesh.pp, mesh.ep, [(s.first, s.end) for s in mesh.stages], groups or None)
-    size = DTYPE_BYTES[mesh.dtype]
+    p = mesh.parallel
+    ranges = [(s.first_layer, s.end_layer) for s in p.stages]
+    shards = shard(shape, p.tp, p.pp, p.ep, ranges, p.expert_groups or None)
+    size = lookup(mesh.spec.dtype).bytes
     rows = []
     for w in sorted(workers, key=lambda w: (w.kind != "stage", w.stage, w.tp_rank, w.expert_index)):
         if w.kind == "stage":
@@ -127,8 +130,8 @@ def cluster_check(shape: ModelShape, hw: Hardware, wl: Workload, mesh, workers) 
         )
     current = estimate(LayoutCost(shape, hw, dataclasses.replace(wl, dtype_bytes=size), Assumptions(), shards))
     return {
-        "layout": {"tp": mesh.tp, "pp": mesh.pp, "ep": mesh.ep},
-        "dtype": mesh.dtype,
+        "layout": {"tp": p.tp, "pp": p.pp, "ep": p.ep},
+        "dtype": mesh.spec.dtype,
         "workers": rows,
         "current": estimate_dict(current) if isinstance(current, LayoutEstimate) else {"reason": current.reason},
     }

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from stagemesh.coordinator.model_shape import LayoutShards, ModelShape, distinct_owners, shard
 from stagemesh.errors import InvalidArgument, PlanError
 
-DTYPE_BYTES = {"fp8": 1, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "float64": 8}
 OBJECTIVES = ("throughput", "latency")
 
 

@@ -11,20 +11,10 @@ from dataclasses import dataclass, field, replace
 
 from stagemesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.plan import ParallelPlan
+from stagemesh.models.dtypes import lookup
+from stagemesh.models.plan import MeshPlan, ParallelPlan, ServingSpec
 
 STAGE, EXPERT = "stage", "expert"
-DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class ServingSpec:
-    """What every worker of the mesh must agree on besides the plan."""
-
-    model_dir: str
-    dtype: str = "float32"
-    block_size: int = 16
-    max_model_len: int = 0  # 0 = the model's max_position_embeddings
 
 
 @dataclass
@@ -60,6 +50,7 @@ class Topology:
     expert_addresses: tuple[str, ...] = ()
     expert_alive: tuple[bool, ...] = ()
     pipeline_epoch: int = 0
+    plan: MeshPlan | None = None  # the same for every epoch; carried so followers get it with the topology
 
     def pipeline(self) -> tuple:
         """What steps depend on: a change here invalidates steps in flight."""
@@ -234,10 +225,15 @@ class Roster:
             kv_blocks=min(w.kv_blocks for w in stages) if ready else 0,
             expert_addresses=tuple(w.address if w else "" for w in experts),
             expert_alive=alive,
+            plan=self.mesh_plan,
         )
 
+    @property
+    def mesh_plan(self) -> MeshPlan:
+        return MeshPlan.of(self.plan, self.spec, self.config)
+
     def predicted_param_bytes(self, worker: Worker) -> int:
-        size = DTYPE_BYTES.get(self.spec.dtype, 4)
+        size = lookup(self.spec.dtype).bytes
         if worker.kind == EXPERT:
             return self.plan.expert_param_count(self.config, worker.expert_index) * size
         return self.plan.stage_param_count(self.config, worker.stage, worker.tp_rank) * size

@@ -8,10 +8,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from stagemesh.coordinator.roster import STAGE, Roster, ServingSpec, Topology, Worker
+from stagemesh.coordinator.roster import STAGE, Roster, Worker
+from stagemesh.coordinator.wire import plan_message, topology_message
 from stagemesh.errors import DeadlineExceeded
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.plan import ParallelPlan
+from stagemesh.models.plan import LayoutOptions, ServingSpec
 from stagemesh.proto import coordinator_pb2 as pb
 from stagemesh.proto import coordinator_pb2_grpc as pb_grpc
 from stagemesh.proto.rpc import bind, create_server, enable_reflection, maps_errors, run_service, set_serving
@@ -67,7 +68,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             stage=worker.stage,
             tp_rank=worker.tp_rank,
             expert_index=worker.expert_index,
-            plan=plan_message(self.roster),
+            plan=plan_message(self.roster.mesh_plan),
             rendezvous=rendezvous,
             epoch=self.roster.topology.pipeline_epoch,
         )
@@ -117,7 +118,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             topology = self.roster.topology
             if topology.epoch != sent:
                 sent = topology.epoch
-                yield topology_message(self.roster, topology)
+                yield topology_message(topology)
             await self.feed.wait(5.0)
 
     @maps_errors
@@ -127,44 +128,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         workers.sort(key=lambda w: (w.kind != STAGE, w.stage, w.tp_rank, w.expert_index))
         age = time.monotonic() - self.gateway_seen if self.gateway is not None else -1.0
         return pb.ClusterStatus(
-            topology=topology_message(self.roster, self.roster.topology),
+            topology=topology_message(self.roster.topology),
             workers=workers,
             gateway=self.gateway or pb.GatewayReport(),
             gateway_report_age=age,
         )
-
-
-def plan_message(roster: Roster) -> pb.Plan:
-    plan, config, spec = roster.plan, roster.config, roster.spec
-    return pb.Plan(
-        model_dir=spec.model_dir,
-        model_type=config.model_type,
-        tp=plan.tp,
-        pp=plan.pp,
-        ep=plan.ep,
-        stages=[pb.LayerRange(first=s.first_layer, end=s.end_layer) for s in plan.stages],
-        expert_groups=[pb.ExpertGroup(expert_ids=g) for g in plan.expert_groups],
-        dtype=spec.dtype,
-        block_size=spec.block_size,
-        max_model_len=spec.max_model_len or config.max_position_embeddings,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-    )
-
-
-def topology_message(roster: Roster, t: Topology) -> pb.Topology:
-    return pb.Topology(
-        epoch=t.epoch,
-        ready=t.ready,
-        reason=t.reason,
-        plan=plan_message(roster),
-        stage_addresses=t.stage_addresses,
-        expert_addresses=t.expert_addresses,
-        kv_blocks=t.kv_blocks,
-        pipeline_epoch=t.pipeline_epoch,
-        expert_alive=t.expert_alive,
-    )
 
 
 def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
@@ -193,15 +161,7 @@ def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
 
 
 @dataclass(frozen=True)
-class CoordinatorOptions:
-    model_dir: str
-    tp: int = 1
-    pp: int = 1
-    ep: int = 0
-    layers: str | None = None
-    expert_placement: str = "contiguous"
-    expert_replicas: str | None = None
-    dtype: str = "float32"
+class CoordinatorOptions(LayoutOptions):
     block_size: int = 16
     max_model_len: int = 0
     host: str = "127.0.0.1"
@@ -212,9 +172,7 @@ class CoordinatorOptions:
 def build_roster(opts: CoordinatorOptions, on_change=lambda: None) -> Roster:
     """Validates the plan against the checkpoint's config before anything listens."""
     config = ModelConfig.from_dir(opts.model_dir)
-    plan = ParallelPlan.build(
-        config, opts.tp, opts.pp, opts.ep, opts.layers, opts.expert_placement, opts.expert_replicas
-    )
+    plan = opts.parallel_plan(config)
     spec = ServingSpec(opts.model_dir, opts.dtype, opts.block_size, opts.max_model_len)
     return Roster(config, plan, spec, heartbeat_timeout=opts.heartbeat_timeout, on_change=on_change)
 

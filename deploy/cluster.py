@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import yaml
-from stagemesh.deploy.launcher import (
+from stagemesh.deploy.commands import (
     MeshLayout,
     WorkerSite,
     coordinator_command,
@@ -21,9 +21,11 @@ from stagemesh.deploy.launcher import (
     stage_worker_command,
 )
 from stagemesh.errors import InvalidArgument
+from stagemesh.gateway.scheduler import SchedulerLimits
+from stagemesh.models.dtypes import SERVING_DTYPES
+from stagemesh.models.plan import LayoutOptions
 
 COORDINATOR, GATEWAY, STAGE, EXPERT = "coordinator", "gateway", "stage", "expert"
-DTYPES = ("float32", "bfloat16", "float64", "float16")
 PLACEMENTS = ("contiguous", "round-robin")
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9-]*$")  # it names compose files, services and variables
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -38,11 +40,11 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 0  # expert workers (MoE); 0 keeps the experts in the stages
+    tp: int = LayoutOptions.tp
+    pp: int = LayoutOptions.pp
+    ep: int = LayoutOptions.ep  # expert workers (MoE); 0 keeps the experts in the stages
     layers: str | None = None  # inclusive ranges per stage, "0-39,40-79"; default an even split
-    expert_placement: str = "contiguous"
+    expert_placement: str = LayoutOptions.expert_placement
     expert_replicas: str | None = None  # "EXPERT=COPIES,..." or "all=COPIES"
 
 
@@ -65,9 +67,9 @@ class GatewaySection:
     host: str | None = None  # default: the first host
     port: int = 50051
     metrics_port: int | None = None  # Prometheus /metrics; None = off
-    max_step_tokens: int = 512
-    max_queue: int = 256
-    max_running: int = 256
+    max_step_tokens: int = SchedulerLimits.max_step_tokens
+    max_queue: int = SchedulerLimits.max_queue
+    max_running: int = SchedulerLimits.max_running
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,14 @@ class Cluster:
     def layout(self) -> MeshLayout:
         p = self.parallel
         return MeshLayout(
-            self.model.path,
-            p.tp,
-            p.pp,
-            p.ep,
-            p.layers,
-            p.expert_placement,
-            p.expert_replicas,
-            self.model.dtype,
+            model_dir=self.model.path,
+            tp=p.tp,
+            pp=p.pp,
+            ep=p.ep,
+            layers=p.layers,
+            expert_placement=p.expert_placement,
+            expert_replicas=p.expert_replicas,
+            dtype=self.model.dtype,
             threads=self.workers.threads,
             kv_memory=self.workers.kv_memory,
             compile=self.workers.compile,
@@ -289,8 +291,10 @@ def _check_parallel(cluster: Cluster, where: str) -> None:
         raise InvalidArgument(f"{where}: parallel: tp and pp must be >= 1 and ep >= 0 (got {p.tp}, {p.pp}, {p.ep})")
     if p.expert_placement not in PLACEMENTS:
         raise InvalidArgument(f"{where}: parallel.expert_placement: choose {' or '.join(PLACEMENTS)}")
-    if cluster.model.dtype not in DTYPES:
-        raise InvalidArgument(f"{where}: model.dtype {cluster.model.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cluster.model.dtype not in SERVING_DTYPES:
+        raise InvalidArgument(
+            f"{where}: model.dtype {cluster.model.dtype!r}: choose one of {', '.join(SERVING_DTYPES)}"
+        )
     devices = sum(len(h.devices) for h in cluster.hosts)
     if devices < cluster.workers_needed:
         raise InvalidArgument(

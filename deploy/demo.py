@@ -10,7 +10,8 @@ import time
 from rich.console import Console
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import render, status_dict
-from stagemesh.deploy.launcher import LocalMesh, MeshLayout
+from stagemesh.deploy.commands import MeshLayout
+from stagemesh.deploy.launcher import LocalMesh
 from stagemesh.gateway.client import AsyncClient, GenerationParams
 
 PROMPTS = ("The mesh splits a model", "Pipeline stages pass activations", "Tensor parallel ranks share")

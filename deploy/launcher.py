@@ -1,8 +1,7 @@
 """`stagemesh up`: the whole mesh as real subprocesses on this host — coordinator, tp*pp stage workers,
 expert workers, gateway — started in order, watched, and stopped together (no orphans, ports released).
 
-The command builders here are the only copy of the services' flag lists: `deploy/cluster.py` builds the
-compose services (and `stagemesh up --config`) from them too.
+The command lines come from deploy.commands, like the compose services' (deploy.cluster).
 """
 
 from __future__ import annotations
@@ -17,34 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
+from stagemesh.deploy.commands import MeshLayout, coordinator_command, gateway_command, worker_commands
 from stagemesh.errors import Unavailable
-
-
-@dataclass(frozen=True)
-class MeshLayout:
-    model_dir: str
-    tp: int = 1
-    pp: int = 1
-    ep: int = 0
-    layers: str | None = None
-    expert_placement: str = "contiguous"
-    expert_replicas: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None  # torch threads per worker; default: cores / workers
-    kv_memory: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 0  # gateway port
-    coordinator_port: int = 0
-    max_step_tokens: int = 512
-    max_queue: int = 256
-    max_running: int = 256
-    metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
-    compile: bool = False  # stage workers decode through compiled graphs (--compile)
-
-    @property
-    def workers(self) -> int:
-        return self.tp * self.pp + self.ep
 
 
 @dataclass
@@ -54,111 +28,6 @@ class Child:
     proc: subprocess.Popen | None = None
     address: str = ""
     lines: list[str] = field(default_factory=list)
-
-
-def _device(layout: MeshLayout, index: int) -> str:
-    if layout.device != "cuda":
-        return layout.device
-    import torch
-
-    return f"cuda:{index % max(1, torch.cuda.device_count())}"
-
-
-@dataclass(frozen=True)
-class WorkerSite:
-    """Where one worker runs: its device, the address it listens on, and the address others dial."""
-
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise: str | None = None  # default: --host
-    dist_port: int | None = None  # TP rank 0's rendezvous store port; None = the worker's default (a free one)
-
-
-def _site_flags(site: WorkerSite) -> list[str]:
-    flags = ["--host", site.host, "--port", str(site.port)]
-    return flags + (["--advertise", site.advertise] if site.advertise else [])
-
-
-def stage_worker_command(
-    layout: MeshLayout, coordinator: str, stage: int, rank: int, site: WorkerSite, threads: int | None
-) -> list[str]:
-    argv = ["stage-worker", "--coordinator", coordinator, *_site_flags(site)]
-    argv += ["--threads", str(threads)] if threads else []
-    argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
-    argv += ["--device", site.device, "--stage", str(stage), "--tp-rank", str(rank)]
-    argv += ["--compile"] if layout.compile else []
-    return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
-
-
-def expert_worker_command(
-    layout: MeshLayout, coordinator: str, index: int, site: WorkerSite, threads: int | None
-) -> list[str]:
-    argv = ["expert-worker", "--coordinator", coordinator, *_site_flags(site)]
-    argv += ["--threads", str(threads)] if threads else []
-    return argv + ["--device", site.device, "--expert-worker-index", str(index)]
-
-
-def worker_commands(layout: MeshLayout, coordinator: str) -> list[tuple[str, list[str]]]:
-    threads = layout.threads or max(1, (os.cpu_count() or 1) // max(1, layout.workers))
-    commands = []
-    for s in range(layout.pp):
-        for r in range(layout.tp):
-            site = WorkerSite(_device(layout, s * layout.tp + r), layout.host)
-            argv = stage_worker_command(layout, coordinator, s, r, site, threads)
-            commands.append((f"stage-worker stage={s} rank={r}", argv))
-    for e in range(layout.ep):
-        site = WorkerSite(_device(layout, layout.tp * layout.pp + e), layout.host)
-        commands.append((f"expert-worker index={e}", expert_worker_command(layout, coordinator, e, site, threads)))
-    return commands
-
-
-def coordinator_command(layout: MeshLayout) -> list[str]:
-    argv = [
-        "coordinator",
-        "--model",
-        layout.model_dir,
-        "--tp",
-        str(layout.tp),
-        "--pp",
-        str(layout.pp),
-        "--dtype",
-        layout.dtype,
-        "--host",
-        layout.host,
-        "--port",
-        str(layout.coordinator_port),
-    ]
-    if layout.layers:
-        argv += ["--layers", layout.layers]
-    if layout.ep:
-        argv += ["--ep", str(layout.ep), "--expert-placement", layout.expert_placement]
-        if layout.expert_replicas:
-            argv += ["--expert-replicas", layout.expert_replicas]
-    return argv
-
-
-def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None = None) -> list[str]:
-    argv = [
-        "gateway",
-        "--coordinator",
-        coordinator,
-        "--host",
-        layout.host,
-        "--port",
-        str(layout.port),
-        "--max-step-tokens",
-        str(layout.max_step_tokens),
-        "--max-queue",
-        str(layout.max_queue),
-        "--max-running",
-        str(layout.max_running),
-    ]
-    if advertise:
-        argv += ["--advertise", advertise]
-    if layout.metrics_port is not None:
-        argv += ["--metrics-port", str(layout.metrics_port)]
-    return argv
 
 
 def _die_with_parent() -> None:
@@ -192,20 +61,9 @@ class LocalMesh:
 
     def _check_plan(self) -> None:
         """Refuses a bad plan before any process starts."""
-        from stagemesh.coordinator.server import CoordinatorOptions, build_roster
+        from stagemesh.models.config import ModelConfig
 
-        layout = self.layout
-        build_roster(
-            CoordinatorOptions(
-                layout.model_dir,
-                layout.tp,
-                layout.pp,
-                layout.ep,
-                layout.layers,
-                layout.expert_placement,
-                layout.expert_replicas,
-            )
-        )
+        self.layout.parallel_plan(ModelConfig.from_dir(self.layout.model_dir))
 
     def _spawn(self, name: str, argv: list[str], deadline: float | None, env: dict[str, str] | None = None) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
@@ -327,7 +185,5 @@ def run_up(layout: MeshLayout) -> None:
 
 def run_cluster_up(config: str) -> None:
     """`stagemesh up --config FILE`: every host of the description on this machine (see cluster.localize)."""
-    from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
-
     cluster = resolve_paths(localize(load_cluster(config)), Path(config).parent)
     run_mesh(ServiceMesh(cluster.layout(), services(cluster)))

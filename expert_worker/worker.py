@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import torch
-from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
+from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.expert_worker.engine import ExpertEngine
 from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.engine import parse_dtype
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import load_experts
 from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.proto import expert_pb2_grpc
 from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_reflection, run_service, set_serving
-from stagemesh.stage_worker.worker import device_memory
 from stagemesh.telemetry import serve_metrics, worker_registry
+from stagemesh.workers import ExpertWorkerOptions, device_memory
 
 log = logging.getLogger("stagemesh.experts")
-
-
-@dataclass(frozen=True)
-class ExpertWorkerOptions(WorkerOptions):
-    expert_worker_index: int | None = None  # ask for this role; None = the next free one
 
 
 def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:
@@ -58,8 +52,8 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     if opts.expert_worker_index is not None:
         request.expert_index = opts.expert_worker_index
     assignment = await client.register(request, timeout=opts.connect_timeout)
-    plan = assignment.plan
-    expert_ids = list(plan.expert_groups[assignment.expert_index].expert_ids)
+    plan, spec = assignment.plan, assignment.plan.spec
+    expert_ids = list(plan.parallel.expert_groups[assignment.expert_index])
     log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)
     stats = lambda: expert_stats(servicer.engine)  # noqa: E731
     heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, stats, lambda epoch: None))
@@ -68,8 +62,8 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
         log.info("metrics on port %d", serve_metrics(worker_registry(stats, role), opts.host, opts.metrics_port))
 
     def load() -> ExpertEngine:
-        model_dir = opts.model_dir or plan.model_dir
-        layers, _ = load_experts(model_dir, expert_ids, parse_dtype(plan.dtype), device)
+        model_dir = opts.model_dir or spec.model_dir
+        layers, _ = load_experts(model_dir, expert_ids, serving_dtype(spec.dtype), device)
         return ExpertEngine(layers, ModelConfig.from_dir(model_dir).num_local_experts, plan.hidden_size)
 
     engine = await asyncio.get_running_loop().run_in_executor(servicer.executor, load)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from stagemesh.proto import generation_pb2 as pb
 from stagemesh.proto import generation_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel, channel
+from stagemesh.proto.rpc import aio_channel, channel, error_from_rpc
 
 FINISH_NAMES = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -27,9 +27,13 @@ FINISH_NAMES = {
 
 
 class GatewayError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+    """A failed call: `code` (a grpc.StatusCode) and `details` as the gateway sent them, and `error`, the
+    stagemesh.errors class that status names (proto.rpc.error_from_rpc, the one gRPC -> domain mapping)."""
+
+    def __init__(self, e: grpc.RpcError) -> None:
+        self.code, self.details = e.code(), e.details()
+        self.error = error_from_rpc(e, "gateway")
+        super().__init__(f"{self.code.name}: {self.details}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class Client:
             for msg in call:
                 yield _chunk(msg)
         except grpc.RpcError as e:
-            raise GatewayError(e.code(), e.details()) from None
+            raise GatewayError(e) from None
         finally:
             call.cancel()  # leaving the loop early cancels the request and frees its KV
 
@@ -141,7 +145,7 @@ class Client:
         try:
             msg = self._stub.Complete(params.to_proto(), timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            raise GatewayError(e.code(), e.details()) from None
+            raise GatewayError(e) from None
         completion = Completion()
         completion.add(_chunk(msg))
         return completion
@@ -150,7 +154,7 @@ class Client:
         try:
             return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 10)
         except grpc.RpcError as e:
-            raise GatewayError(e.code(), e.details()) from None
+            raise GatewayError(e) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -174,7 +178,7 @@ class AsyncClient:
             async for msg in call:
                 yield _chunk(msg)
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(e.code(), e.details()) from None
+            raise GatewayError(e) from None
         finally:
             call.cancel()
 
@@ -188,7 +192,7 @@ class AsyncClient:
         try:
             return await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 10)
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(e.code(), e.details()) from None
+            raise GatewayError(e) from None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -202,8 +206,6 @@ class AsyncClient:
 
 def generate_via_gateway(address: str, args, timeout: float, on_text: Callable[[str], None] | None) -> dict:
     """`stagemesh generate --gateway`: the same JSON as the reference engine's."""
-    from stagemesh.errors import StagemeshError
-
     prompt = args.prompt if args.prompt is not None else list(args.prompt_ids)
     params = GenerationParams(
         prompt,
@@ -223,9 +225,7 @@ def generate_via_gateway(address: str, args, timeout: float, on_text: Callable[[
                 if on_text and chunk.text:
                     on_text(chunk.text)
     except GatewayError as e:
-        error = StagemeshError(e.details)
-        error.code = e.code.name
-        raise error from None
+        raise e.error from None
     return {
         "token_ids": completion.token_ids,
         "text": completion.text if has_tokenizer else None,

@@ -38,14 +38,15 @@ def run_generate(
 
 
 def _generate_locally(model_dir: str, args: GenerateArgs, dtype: str, device: str, on_text) -> dict:
-    from stagemesh.models.engine import ReferenceEngine, parse_dtype
+    from stagemesh.models.dtypes import serving_dtype
+    from stagemesh.models.engine import ReferenceEngine
     from stagemesh.models.requests import GenerationRequest, SamplingParams
 
     codec = TextCodec.from_dir(model_dir)
     prompt_ids = args.prompt_ids if args.prompt is None else require_codec(codec, model_dir).encode(args.prompt)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     request = GenerationRequest(tuple(prompt_ids), args.max_tokens, sampling, ignore_eos=args.ignore_eos)
-    engine = ReferenceEngine(model_dir, dtype=parse_dtype(dtype), device=device)
+    engine = ReferenceEngine(model_dir, dtype=serving_dtype(dtype), device=device)
     result = engine.generate([request])[0]
     text = codec.decode(result.token_ids) if codec else None
     if on_text and text:

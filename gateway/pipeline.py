@@ -13,7 +13,7 @@ from stagemesh.gateway.scheduler import PlannedStep
 from stagemesh.models.requests import SampledToken
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel
+from stagemesh.proto.rpc import aio_channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.gateway")
 
@@ -51,10 +51,7 @@ class PipelineLink:
                 self.on_result(result.step_id, tokens, [(t.stage, t.busy_seconds) for t in result.timings])
             error = Unavailable(f"stage 0 at {self.address} closed the stream")
         except grpc.aio.AioRpcError as e:
-            error = Unavailable(f"pipeline failed: {e.details()}")
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                error = StagemeshError(f"pipeline failed ({e.code().name}): {e.details()}")
-                error.code = e.code().name
+            error = error_from_rpc(e, f"pipeline (stage 0 at {self.address})")
         if not self._closed:
             log.warning("%s", error)
             self.on_failure(error)

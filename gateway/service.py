@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.roster import Topology
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.gateway.metrics import GatewayMetrics
 from stagemesh.gateway.pipeline import PipelineLink
@@ -46,12 +47,13 @@ class Gateway:
         self.opts, self.scheduler, self.client, self.health = opts, scheduler, client, health
         self.metrics = GatewayMetrics(scheduler)
         scheduler.observer = self.metrics
-        self.topology: cpb.Topology | None = None
+        self.topology: Topology | None = None
         self.config: ModelConfig | None = None
         self.codec: TextCodec | None = None
         self.link: PipelineLink | None = None
         self.address = ""
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) samples for tokens/s
+        self._tasks: set[asyncio.Task] = set()  # referenced until done: the loop keeps only weak references
 
     # ---- topology ----
 
@@ -65,17 +67,21 @@ class Gateway:
             elif not topology.ready:
                 self.scheduler.not_ready = topology.reason
 
-    async def _attach(self, t: cpb.Topology) -> None:
+    async def _attach(self, t: Topology) -> None:
         if self.link is not None:
             await self._detach(Unavailable(f"the pipeline changed (epoch {t.pipeline_epoch})"))
-        model_dir = self.opts.model_dir or t.plan.model_dir
+        plan = t.plan
+        model_dir = self.opts.model_dir or plan.spec.model_dir
         if self.config is None:
             self.config = ModelConfig.from_dir(model_dir)
             self.codec = TextCodec.from_dir(model_dir)
         self.link = PipelineLink(t.stage_addresses[0], t.pipeline_epoch, self._on_result, self._on_failure)
-        kv = BlockAllocator(t.kv_blocks, t.plan.block_size)
-        max_context = min(t.plan.max_model_len, kv.capacity_tokens)
-        self.scheduler.attach(self.link, kv, t.plan.pp, self.config.vocab_size, max_context, self.config.eos_token_ids)
+        kv = BlockAllocator(t.kv_blocks, plan.spec.block_size)
+        # The model's context bounds a request (INVALID_ARGUMENT beyond it); the KV cache only decides when it
+        # runs: it waits for free blocks, or is RESOURCE_EXHAUSTED if the whole cache could never hold it.
+        c = self.config
+        args = (plan.parallel.pp, c.vocab_size, plan.spec.max_model_len, c.eos_token_ids)
+        self.scheduler.attach(self.link, kv, *args)
         await set_serving(self.health, [SERVICE], True)
         log.info("attached to the mesh at pipeline epoch %d (%d KV blocks)", t.pipeline_epoch, t.kv_blocks)
 
@@ -91,8 +97,17 @@ class Gateway:
         self.scheduler.on_result(step_id, tokens)
 
     def _on_failure(self, error: StagemeshError) -> None:
-        link = self.link
-        asyncio.ensure_future(self._recover(link, error))
+        self._spawn(self._recover(self.link, error))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def _recover(self, failed: PipelineLink | None, error: StagemeshError) -> None:
         if failed is not self.link:
@@ -131,19 +146,19 @@ class Gateway:
     def model_info(self) -> pb.ModelInfoResponse:
         if self.topology is None or self.config is None:
             raise Unavailable(f"not ready: {self.scheduler.not_ready}")
-        plan, c = self.topology.plan, self.config
+        plan, p, c = self.topology.plan, self.topology.plan.parallel, self.config
         return pb.ModelInfoResponse(
             model_type=c.model_type,
-            architecture=_architecture(plan.model_dir, self.opts.model_dir),
+            architecture=_architecture(plan.spec.model_dir, self.opts.model_dir),
             vocab_size=c.vocab_size,
             max_context=self.scheduler.max_context,
             num_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
-            tp=plan.tp,
-            pp=plan.pp,
-            ep=plan.ep,
-            stage_layers=[f"{r.first}-{r.end - 1}" for r in plan.stages],
-            dtype=plan.dtype,
+            tp=p.tp,
+            pp=p.pp,
+            ep=p.ep,
+            stage_layers=[s.describe() for s in p.stages],
+            dtype=plan.spec.dtype,
             kv_capacity_tokens=self.scheduler.kv.capacity_tokens if self.scheduler.kv else 0,
             has_tokenizer=self.codec is not None,
             eos_token_ids=c.eos_token_ids,

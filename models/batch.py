@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from stagemesh.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,7 @@ class StepBatch:
         decode_rows, decode_tables, decode_pos, prefills = [], [], [], []
         row = 0
         for c in chunks:
-            blocks_needed = -(-c.end_pos // block_size)
-            if blocks_needed > len(c.block_table):
-                raise InvalidArgument(
-                    f"sequence {c.seq_id}: {c.end_pos} positions do not fit its {len(c.block_table)} KV blocks"
-                )
+            blocks_needed = -(-c.end_pos // block_size)  # fits its table: checked by the SequenceTable
             positions.extend(range(c.start_pos, c.end_pos))
             if c.num_tokens == 1:
                 decode_rows.append(row)

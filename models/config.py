@@ -167,3 +167,28 @@ def _parse_sliding_windows(model_type: str, raw: dict, layers: int) -> tuple[int
     if model_type == "llama":
         return (None,) * layers
     return (window,) * layers
+
+
+def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
+    """The full shape Hugging Face stores tensor `name` with, derived from the config."""
+    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    leaf = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
+    is_bias = name.endswith(".bias")
+    out_in = {
+        "q_proj": (config.q_size, h),
+        "k_proj": (config.kv_size, h),
+        "v_proj": (config.kv_size, h),
+        "o_proj": (h, config.q_size),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+        "w1": (inter, h),
+        "w3": (inter, h),
+        "w2": (h, inter),
+        "gate": (config.num_local_experts, h),
+        "embed_tokens": (v, h),
+        "lm_head": (v, h),
+    }
+    if leaf in out_in:
+        return (out_in[leaf][0],) if is_bias else out_in[leaf]
+    return (h,)  # norms

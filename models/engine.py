@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from stagemesh.errors import InvalidArgument
+from stagemesh.errors import ResourceExhausted
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.blocks import BlockAllocator
 from stagemesh.models.compiled import CompileOptions
@@ -17,14 +17,6 @@ from stagemesh.models.loader import build_model
 from stagemesh.models.requests import GenerationRequest, SampledToken, finish_reason
 from stagemesh.models.runner import ModelRunner
 from stagemesh.models.sampling import sample
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise InvalidArgument(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass
@@ -57,7 +49,7 @@ class ReferenceEngine:
         blocks = sum(-(-t // self.block_size) for t in tokens)
         runner = self._runner
         if runner is not None and runner.compiled is not None and runner.num_blocks < blocks:
-            raise InvalidArgument(f"{blocks} KV blocks needed; this compiled engine has {runner.num_blocks}")
+            raise ResourceExhausted(f"{blocks} KV blocks needed; this compiled engine has {runner.num_blocks}")
         if runner is None or runner.num_blocks < blocks:
             self._runner = ModelRunner(self.model, blocks, self.block_size, self.device)
         return self._runner, BlockAllocator(self._runner.num_blocks, self.block_size)

@@ -218,5 +218,7 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        # Under TP (models.tp) the two all-reduces of a layer are forward hooks on the row-parallel o_proj and
+        # down_proj (or on the whole MoE block): this code stays the same at any tp.
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
         return h.add_(self.mlp(self.post_attention_layernorm(h)))

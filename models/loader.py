@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from stagemesh.errors import CheckpointError
-from stagemesh.models.config import ModelConfig
+from stagemesh.models.config import ModelConfig, hf_shape
 from stagemesh.models.layers import Experts
 from stagemesh.models.plan import StageSpec, vocab_range
 from stagemesh.models.tp import (
@@ -72,9 +72,6 @@ class CheckpointReader:
         with safe_open(str(self.path / files[0]), framework="pt") as f:
             return {name: files[0] for name in f.keys()}
 
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
     def _slice(self, name: str):
         file = self._file_of.get(name)
         if file is None:
@@ -82,9 +79,6 @@ class CheckpointReader:
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         return self._handles[file].get_slice(name)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
 
     def read(self, piece: Piece, expected_shape: tuple[int, ...]) -> torch.Tensor:
         """Reads only the slice `piece` names, after checking the tensor's full shape."""
@@ -102,31 +96,6 @@ class CheckpointReader:
             tensor = sl[rows, slice(*piece.cols) if piece.cols else slice(None)]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
-
-
-def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
-    """The full shape Hugging Face stores tensor `name` with, derived from the config."""
-    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    leaf = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
-    is_bias = name.endswith(".bias")
-    out_in = {
-        "q_proj": (config.q_size, h),
-        "k_proj": (config.kv_size, h),
-        "v_proj": (config.kv_size, h),
-        "o_proj": (h, config.q_size),
-        "gate_proj": (inter, h),
-        "up_proj": (inter, h),
-        "down_proj": (h, inter),
-        "w1": (inter, h),
-        "w3": (inter, h),
-        "w2": (h, inter),
-        "gate": (config.num_local_experts, h),
-        "embed_tokens": (v, h),
-        "lm_head": (v, h),
-    }
-    if leaf in out_in:
-        return (out_in[leaf][0],) if is_bias else out_in[leaf]
-    return (h,)  # norms
 
 
 def param_pieces(config: ModelConfig, name: str, module: nn.Module, tp: TPRank) -> list[list[Piece]]:

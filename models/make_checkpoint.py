@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from stagemesh.errors import InvalidArgument
-from stagemesh.models.config import ModelConfig
-from stagemesh.models.engine import parse_dtype
-from stagemesh.models.loader import hf_shape
+from stagemesh.models.config import ModelConfig, hf_shape
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.presets import hf_config
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1 (bos), 2 (eos), as in Llama
@@ -71,7 +70,7 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     raw = hf_config(arch, preset, dtype)
     config = ModelConfig.from_hf_dict(raw)
-    tensors = {k: v.to(parse_dtype(dtype)).contiguous() for k, v in random_weights(config, seed).items()}
+    tensors = {k: v.to(serving_dtype(dtype)).contiguous() for k, v in random_weights(config, seed).items()}
     _write_weights(out, tensors, shards)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     generation = {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"], "do_sample": False}

@@ -9,12 +9,62 @@ Imports no torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stagemesh.errors import PlanError
 from stagemesh.models.config import ModelConfig
 
 PLACEMENTS = ("contiguous", "round-robin")
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """The choices that lay a model out over a mesh, as `stagemesh coordinator`, `stagemesh up` and the
+    cluster description take them (ParallelPlan.build validates them against the model)."""
+
+    model_dir: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 0  # expert workers (MoE); 0 keeps the experts in the stages
+    layers: str | None = None  # inclusive ranges per stage, "0-9,10-31", or "balanced"; None = an even split
+    expert_placement: str = PLACEMENTS[0]
+    expert_replicas: str | None = None  # "EXPERT=COPIES,..." or "all=COPIES"
+    dtype: str = "float32"  # weights and activations on every worker (SERVING_DTYPES)
+
+    def parallel_plan(self, config: ModelConfig) -> ParallelPlan:
+        return ParallelPlan.build(
+            config, self.tp, self.pp, self.ep, self.layers, self.expert_placement, self.expert_replicas
+        )
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What every worker of the mesh must agree on besides the plan."""
+
+    model_dir: str
+    dtype: str = "float32"
+    block_size: int = 16
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """What the coordinator tells every worker and the gateway: the parallel plan, the serving spec, and the
+    model shapes both were checked against. It crosses the wire once each way (coordinator.wire)."""
+
+    parallel: ParallelPlan
+    spec: ServingSpec  # its max_model_len resolved: never 0
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+
+    @classmethod
+    def of(cls, parallel: ParallelPlan, spec: ServingSpec, config: ModelConfig) -> MeshPlan:
+        resolved = replace(spec, max_model_len=spec.max_model_len or config.max_position_embeddings)
+        return cls(
+            parallel, resolved, config.model_type, config.vocab_size, config.hidden_size, config.num_hidden_layers
+        )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from stagemesh.models.config import ModelConfig
+from stagemesh.models.config import ModelConfig, hf_shape
 from stagemesh.models.layers import Experts
 from stagemesh.models.plan import kv_head_range, kv_heads_per_rank, shard_range, vocab_range
 from stagemesh.models.transformer import Transformer
@@ -65,44 +65,43 @@ class TPRank:
 
 
 def part_rows(config: ModelConfig, part: str, tp: int, rank: int) -> tuple[int, int]:
-    """Output rows of checkpoint tensor `part` (a column-parallel piece) that `rank` holds."""
+    """Output rows of checkpoint tensor `part` (a column-parallel piece) that `rank` holds: whole KV heads
+    (replicated when tp exceeds them), else an even split of the tensor's rows."""
     if part.endswith(("k_proj", "v_proj")):
         first, last = kv_head_range(config, tp, rank)
         return first * config.head_dim, last * config.head_dim
-    if part.endswith("q_proj"):
-        return shard_range(config.q_size, tp, rank)
-    return shard_range(config.intermediate_size, tp, rank)  # gate/up/w1/w3
+    return shard_range(hf_shape(config, f"{part}.weight")[0], tp, rank)
 
 
-def row_parallel_cols(config: ModelConfig, name: str, tp: int, rank: int) -> tuple[int, int]:
-    """Input columns of a row-parallel tensor that `rank` holds."""
-    size = config.q_size if name.endswith("o_proj") else config.intermediate_size
-    return shard_range(size, tp, rank)
+def row_parallel_cols(config: ModelConfig, part: str, tp: int, rank: int) -> tuple[int, int]:
+    """Input columns of row-parallel checkpoint tensor `part` that `rank` holds (whole heads for o_proj)."""
+    return shard_range(hf_shape(config, f"{part}.weight")[1], tp, rank)
+
+
+def _width(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
 
 
 def apply_tensor_parallel(model: Transformer, tp: TPRank) -> None:
-    """Reshapes `model` to rank tp.rank's shards (values are filled by the loader) and adds collectives."""
+    """Reshapes `model` to rank tp.rank's shards (values are filled by the loader) and adds collectives:
+    every module TP_PLAN names is made column- or row-parallel from its checkpoint parts, nothing else."""
     if tp.size == 1:
         return
     config = model.config
     for layer in model.layers.values():
+        for path, (style, parts) in TP_PLAN.items():
+            module = _submodule(layer, path)
+            if module is None:  # e.g. mlp.gate_up_proj in a MoE layer
+                continue
+            if style == COLWISE:
+                _resize_linear(module, out_features=sum(_width(part_rows(config, p, tp.size, tp.rank)) for p in parts))
+            else:
+                _make_row_parallel(module, _width(row_parallel_cols(config, parts[0], tp.size, tp.rank)), tp)
         attn = layer.self_attn
         attn.n_heads //= tp.size
         attn.n_kv_heads = kv_heads_per_rank(config, tp.size)
-        local_qkv = (attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-        _resize_linear(attn.qkv_proj, out_features=local_qkv)
-        _make_row_parallel(attn.o_proj, attn.n_heads * attn.head_dim, tp)
-        mlp = layer.mlp
-        inter = config.intermediate_size // tp.size
-        if config.is_moe:
-            if isinstance(mlp.experts, Experts):  # remote experts (expert workers) gather their own results
-                experts = mlp.experts
-                experts.w13 = nn.Parameter(torch.empty(len(experts.expert_ids), 2 * inter, config.hidden_size))
-                experts.w2 = nn.Parameter(torch.empty(len(experts.expert_ids), config.hidden_size, inter))
-                mlp.register_forward_hook(_all_reduce_hook(tp))
-        else:
-            _resize_linear(mlp.gate_up_proj, out_features=2 * inter)
-            _make_row_parallel(mlp.down_proj, inter, tp)
+        if config.is_moe and isinstance(layer.mlp.experts, Experts):  # remote experts gather their own results
+            _shard_experts(layer.mlp, config, tp)
     if model.has_embedding:
         embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         model.embed_tokens = embed
@@ -111,6 +110,27 @@ def apply_tensor_parallel(model: Transformer, tp: TPRank) -> None:
         if model.has_embedding and config.tie_word_embeddings:
             head.weight = model.embed_tokens.weight
         model.lm_head = head
+
+
+def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _shard_experts(mlp: nn.Module, config: ModelConfig, tp: TPRank) -> None:
+    """MOE_TP_PLAN per expert: w13 = [w1; w3] column-parallel, w2 row-parallel, one all-reduce after the block."""
+    experts, held = mlp.experts, len(mlp.experts.expert_ids)
+    for path, (style, parts) in MOE_TP_PLAN.items():
+        name = path.rsplit(".", 1)[1]
+        if style == COLWISE:
+            rows = sum(_width(part_rows(config, p, tp.size, tp.rank)) for p in parts)
+            shape = (held, rows, config.hidden_size)
+        else:
+            shape = (held, config.hidden_size, _width(row_parallel_cols(config, parts[0], tp.size, tp.rank)))
+        setattr(experts, name, nn.Parameter(torch.empty(shape)))
+    mlp.register_forward_hook(_all_reduce_hook(tp))
 
 
 def _resize_linear(linear: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> None:

@@ -1,5 +1,6 @@
 """gRPC plumbing every service shares: servers with health checking and reflection, channels with
-explicit message limits, and the one place domain errors become gRPC statuses."""
+explicit message limits, and the one place each way between domain errors and gRPC statuses
+(`maps_errors` on the serving side, `error_from_rpc` on the calling side)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stagemesh.errors import StagemeshError
+from stagemesh.errors import StagemeshError, error_for_code
 from stagemesh.proto import security
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 def status_code(error: StagemeshError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def error_from_rpc(e: grpc.RpcError, where: str) -> StagemeshError:
+    """A failed call as the errors.py class its status names; `where` says who failed ("stage 1 at
+    host:port", "coordinator at host:port") and leads the message."""
+    return error_for_code(e.code().name, f"{where}: {e.details()}")
 
 
 def maps_errors(method):

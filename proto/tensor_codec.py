@@ -6,19 +6,12 @@ import sys
 
 import torch
 from stagemesh.errors import InvalidArgument
+from stagemesh.models.dtypes import WIRE_DTYPES, torch_dtype
 from stagemesh.proto import tensor_pb2
 
 assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts are not supported"
 
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-}
+DTYPES = {name: torch_dtype(name) for name in WIRE_DTYPES}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -25,15 +25,21 @@ from dataclasses import dataclass
 import grpc
 import torch
 import torch.nn.functional as F
-from stagemesh.errors import StagemeshError, Unavailable
+from stagemesh.errors import StagemeshError, Unavailable, error_for_code
 from stagemesh.models.tp import TPRank
 from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import channel
+from stagemesh.proto.rpc import channel, error_from_rpc
 from stagemesh.proto.tensor_codec import decode, encode
 from torch import nn
 
 RETRY_AFTER_SECONDS = 5.0  # a worker whose call failed is avoided this long (unless it is the only owner)
+# The statuses a dispatch can fail with, as carried through the TP all-gather (index + 1; 0 = no failure).
+FAILURE_CODES = ("INVALID_ARGUMENT", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "INTERNAL")
+
+
+def _failure_code(error: StagemeshError) -> str:
+    return error.code if error.code in FAILURE_CODES else "INTERNAL"
 
 
 @dataclass(frozen=True)
@@ -90,19 +96,23 @@ class RemoteExperts(nn.Module):
         t, rank, size = x.shape[0], self.tp.rank, self.tp.size
         per = math.ceil(t / size)
         rows = slice(min(t, rank * per), min(t, (rank + 1) * per))
-        failure = ""
+        failure: StagemeshError | None = None
         try:
             local = self.dispatch(x[rows], ids[rows], weights[rows], excluded=frozenset())  # (<= per, D)
         except StagemeshError as e:
-            local, failure = torch.zeros_like(x[rows]), str(e)
+            local, failure = torch.zeros_like(x[rows]), e
+        # One extra row says whether (and with which status) this rank's dispatch failed, so every rank raises
+        # an error of the same class as the one a tp=1 stage would raise, and none waits on a collective.
         status = torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device)
-        status[0, 0] = 1.0 if failure else 0.0
+        status[0, 0] = 0 if failure is None else 1 + FAILURE_CODES.index(_failure_code(failure))
         padded = torch.cat([F.pad(local, (0, 0, 0, per - local.shape[0])), status])  # (per + 1, D)
         parts = self.tp.all_gather(padded)
-        if failure:
-            raise Unavailable(failure)
-        if any(p[per, 0].item() for p in parts):
-            raise Unavailable(f"layer {self.layer}: another TP rank of this stage could not reach its expert workers")
+        if failure is not None:
+            raise failure
+        for r, part in enumerate(parts):
+            if part[per, 0].item():
+                code = FAILURE_CODES[int(part[per, 0].item()) - 1]
+                raise error_for_code(code, f"layer {self.layer}: TP rank {r} of this stage: its expert dispatch failed")
         return torch.cat([p[:per] for p in parts])[:t]
 
     def dispatch(self, x, ids, weights, excluded: frozenset[int]) -> torch.Tensor:
@@ -132,8 +142,8 @@ class RemoteExperts(nn.Module):
         try:
             return decode(future.result().output).to(x.dtype)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise StagemeshError(f"expert worker {worker} refused layer {self.layer}: {e.details()}") from None
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a refusal: another owner would refuse it too
+                raise error_from_rpc(e, f"expert worker {worker} (layer {self.layer})") from None
             self.pool.mark_failed(worker)
             # Send the same pairs to the other owners of their experts (replicas); Unavailable if there are none.
             return self.dispatch(x[rows], worker_ids, weights[rows], excluded | {worker})

@@ -18,7 +18,7 @@ from stagemesh.models.batch import SeqChunk
 from stagemesh.models.requests import SampledToken, SamplingParams
 from stagemesh.proto import stage_pb2 as pb
 from stagemesh.proto import stage_pb2_grpc as pb_grpc
-from stagemesh.proto.rpc import aio_channel, status_code
+from stagemesh.proto.rpc import aio_channel, error_from_rpc, status_code
 from stagemesh.proto.tensor_codec import decode, encode
 from stagemesh.stage_worker.engine import StepWork
 from stagemesh.stage_worker.sequences import SeqRequest, SequenceTable
@@ -74,7 +74,7 @@ class ForwardLink:
         except StagemeshError as e:
             return e
         except grpc.aio.AioRpcError as e:
-            return self._downstream_error(e)
+            return error_from_rpc(e, f"stage {self.runtime.stage + 1}")
         except Exception as e:  # a bug: report it on this stream, keep serving others
             log.exception("step failed")
             return StagemeshError(f"stage {self.runtime.stage} failed: {e}")
@@ -126,12 +126,6 @@ class ForwardLink:
             busy = self._busy.pop(result.step_id, 0.0)
             result.timings.append(pb.StageTiming(stage=self.runtime.stage, busy_seconds=busy))
             await self.write(result)
-
-    def _downstream_error(self, e: grpc.aio.AioRpcError) -> StagemeshError:
-        where = f"stage {self.runtime.stage + 1}"
-        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(f"{where}: {e.details()}")
-        return Unavailable(f"{where} failed ({e.code().name}): {e.details()}")
 
     async def close(self) -> None:
         self.runtime.links.discard(self)

@@ -21,23 +21,26 @@ from pathlib import Path
 
 import torch
 
-HEADER = 64  # int64 slots: sequence numbers of up to 32 ranks, then their pids
+MAX_RANKS = 32
+HEADER = 2 * MAX_RANKS  # int64 slots: sequence numbers of up to MAX_RANKS ranks, then their pids
 SPINS_BEFORE_YIELD = 64
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 
 
 class ShmCollectives:
     def __init__(self, path: str, rank: int, size: int, slot_bytes: int, create: bool, timeout: float = 30.0):
+        if not 0 <= rank < size <= MAX_RANKS:
+            raise ValueError(f"shared-memory collectives hold 1..{MAX_RANKS} ranks; got rank {rank} of {size}")
         self.rank, self.size, self.slot_bytes, self.timeout = rank, size, slot_bytes, timeout
         total = HEADER * 8 + 2 * size * slot_bytes
         if create:
             with open(path, "wb") as f:
                 f.truncate(total)
         buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        self._header = buffer[: HEADER * 8].view(torch.int64).numpy()  # seq[0:32], pid[32:64]
+        self._header = buffer[: HEADER * 8].view(torch.int64).numpy()  # seq[:MAX_RANKS], pid[MAX_RANKS:]
         self._slots = buffer[HEADER * 8 :].view(2, size, slot_bytes)  # (parity, rank, bytes)
         self._op = 0
-        self._header[32 + rank] = os.getpid()
+        self._header[MAX_RANKS + rank] = os.getpid()
 
     @classmethod
     def create_path(cls) -> str:
@@ -106,8 +109,8 @@ class ShmCollectives:
 
     def _check_peers(self, op: int, deadline: float) -> None:
         for r in range(self.size):
-            if self._header[r] < op and not _alive(int(self._header[32 + r])):
-                raise RuntimeError(f"tensor-parallel rank {r} (pid {self._header[32 + r]}) is gone")
+            if self._header[r] < op and not _alive(int(self._header[MAX_RANKS + r])):
+                raise RuntimeError(f"tensor-parallel rank {r} (pid {self._header[MAX_RANKS + r]}) is gone")
         if time.monotonic() > deadline:
             raise RuntimeError(f"tensor-parallel ranks did not all reach collective {op} in {self.timeout:.0f}s")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from stagemesh.models.tp import TPRank
-from stagemesh.stage_worker.shm_collectives import SUPPORTED, ShmCollectives
+from stagemesh.stage_worker.shm_collectives import MAX_RANKS, SUPPORTED, ShmCollectives
 
 SHM_SLOT_BYTES = 8 << 20  # larger collectives (long prefill chunks) go through gloo
 SHUTDOWN = b""  # broadcast to peers when the leader stops
@@ -83,7 +83,7 @@ def _shared_memory(rank: int, size: int, store: dist.TCPStore) -> ShmCollectives
     ranks have mapped it, so nothing is left behind whatever happens to the processes."""
     path = ShmCollectives.create_path() if rank == 0 else None
     local = None
-    if SUPPORTED and os.environ.get("STAGEMESH_TP_SHM", "1") != "0":
+    if SUPPORTED and size <= MAX_RANKS and os.environ.get("STAGEMESH_TP_SHM", "1") != "0":  # else gloo
         try:
             if rank == 0:
                 local = ShmCollectives(path, rank, size, SHM_SLOT_BYTES, create=True)

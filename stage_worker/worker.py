@@ -8,16 +8,14 @@ import contextlib
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import psutil
 import torch
-from stagemesh.coordinator.client import CoordinatorClient, WorkerOptions
+from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.errors import StagemeshError, Unavailable
 from stagemesh.models.compiled import CompiledDecode, CompileOptions
-from stagemesh.models.engine import parse_dtype
+from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import build_model
-from stagemesh.models.plan import StageSpec
+from stagemesh.models.plan import ParallelPlan
 from stagemesh.models.runner import ModelRunner
 from stagemesh.models.tp import TPRank
 from stagemesh.proto import coordinator_pb2 as cpb
@@ -29,20 +27,9 @@ from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
 from stagemesh.units import parse_bytes
+from stagemesh.workers import StageWorkerOptions, device_memory
 
 log = logging.getLogger("stagemesh.stage")
-
-
-@dataclass(frozen=True)
-class StageWorkerOptions(WorkerOptions):
-    stage: int | None = None  # ask for this role; None = the next free one
-    tp_rank: int | None = None
-    dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
-    kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
-    group_timeout: float = 120.0
-    compile: bool = (
-        False  # decode through torch.compile graphs (models.compiled); buckets from STAGEMESH_COMPILE_BUCKETS
-    )
 
 
 class StageRuntime:
@@ -103,12 +90,6 @@ class StageRuntime:
             raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
 
 
-def device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return psutil.virtual_memory().total
-
-
 async def run_stage_worker(opts: StageWorkerOptions) -> None:
     """Listen, register, join the stage's TP group, load the shard, report ready, serve until stopped."""
     device = torch.device(opts.device)
@@ -131,7 +112,7 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
         log.info("metrics on http://%s:%d/metrics", opts.host, port)
-    if assignment.plan.tp > 1:
+    if assignment.plan.parallel.tp > 1:
         runtime.group = await _join_group(client, assignment, advertise, opts, device)
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
     await _report_ready(client, assignment, runtime)
@@ -160,24 +141,23 @@ async def _register(opts: StageWorkerOptions, address: str, device: torch.device
     if opts.stage is not None or opts.tp_rank is not None:
         request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
     assignment = await client.register(request, timeout=opts.group_timeout + opts.connect_timeout)
-    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.model_dir)
+    log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.spec.model_dir)
     return client, assignment
 
 
 def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, device: torch.device) -> StageEngine:
     """On the compute thread: build and load this rank's slice, size the KV pool from the budget."""
-    plan = assignment.plan
-    layers = plan.stages[assignment.stage]
-    spec = StageSpec(assignment.stage, layers.first, layers.end, assignment.stage == 0, assignment.stage == plan.pp - 1)
+    plan, spec = assignment.plan, assignment.plan.spec
     tp = runtime.group.tp_rank if runtime.group else TPRank()
-    dtype = parse_dtype(plan.dtype)
-    remote = _remote_experts(plan, runtime, tp) if plan.ep else None
-    model, _ = build_model(opts.model_dir or plan.model_dir, spec, tp, dtype, device, remote)
-    blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(plan.block_size, dtype))
-    runtime.num_blocks, runtime.block_size = blocks, plan.block_size
+    dtype = serving_dtype(spec.dtype)
+    remote = _remote_experts(plan.parallel, runtime, tp) if plan.parallel.ep else None
+    stage = plan.parallel.stages[assignment.stage]
+    model, _ = build_model(opts.model_dir or spec.model_dir, stage, tp, dtype, device, remote)
+    blocks = max(1, _kv_budget(opts.kv_memory, device) // model.kv_bytes_per_block(spec.block_size, dtype))
+    runtime.num_blocks, runtime.block_size = blocks, spec.block_size
     runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
     compile_options = CompileOptions.from_env() if opts.compile else None
-    runner = ModelRunner(model, blocks, plan.block_size, device, compile=compile_options)
+    runner = ModelRunner(model, blocks, spec.block_size, device, compile=compile_options)
     if runner.compiled is not None:  # every TP rank compiles the same buckets in the same order (collectives)
         runner.compiled.warm_up()
     return StageEngine(runner)
@@ -207,17 +187,17 @@ async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRun
     )
 
 
-def _remote_experts(plan, runtime: StageRuntime, tp: TPRank):
+def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
     """The factory that puts a RemoteExperts in each MoE layer (expert parallelism)."""
-    groups = [set(g.expert_ids) for g in plan.expert_groups]
-    owners = [[w for w, g in enumerate(groups) if e in g] for e in range(max(max(g) for g in groups) + 1)]
+    experts = max(max(g) for g in plan.expert_groups) + 1
+    owners = [plan.expert_owners(e) for e in range(experts)]
     pool = ExpertPool(lambda: runtime.experts)
     return lambda layer: RemoteExperts(layer, owners, pool, tp)
 
 
 async def _join_group(client: CoordinatorClient, assignment, advertise: str, opts: StageWorkerOptions, device):
     loop = asyncio.get_running_loop()
-    rank, size = assignment.tp_rank, assignment.plan.tp
+    rank, size = assignment.tp_rank, assignment.plan.parallel.tp
     if rank == 0:
         store = create_store(opts.host, opts.dist_port, size, opts.group_timeout)
         await client.call(

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from stagemesh.cli import main
 from stagemesh.coordinator.client import cluster_status
 from stagemesh.coordinator.status import expert_imbalance, status_dict
-from stagemesh.gateway.client import AsyncClient, Client, GenerationParams
+from stagemesh.coordinator.wire import plan_from_message
+from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.plan import ParallelPlan
 from stagemesh.proto import expert_pb2 as pb
 from stagemesh.proto import expert_pb2_grpc
 from stagemesh.proto.rpc import channel
@@ -57,9 +57,8 @@ def test_concurrent_greedy_equals_transformers(mixtral_mesh, hf_reference):
 
 def test_each_expert_worker_holds_only_its_experts(mixtral_mesh, checkpoint):
     status = cluster_status(mixtral_mesh.coordinator)
-    t = status.topology.plan
     config = ModelConfig.from_dir(checkpoint("mixtral"))
-    plan = ParallelPlan.build(config, t.tp, t.pp, t.ep)
+    plan = plan_from_message(status.topology.plan).parallel
     experts = [w for w in status.workers if w.kind == "expert"]
     assert sorted(w.expert_index for w in experts) == list(range(plan.ep))
     per_expert = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers * 8  # float64
@@ -173,3 +172,40 @@ def test_a_dead_expert_without_replica_fails_steps_with_unavailable(checkpoint):
 def test_impossible_expert_layouts_are_refused_at_start(checkpoint, args, message):
     result = CliRunner().invoke(main, ["coordinator", "--model", checkpoint("mixtral"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_an_expert_workers_refusal_reaches_the_client_with_one_status_at_any_tp(checkpoint, tmp_path, monkeypatch, tp):
+    """An expert worker that sees another checkpoint (here: one with 2 of the 4 MoE layers) refuses the
+    stage's dispatch for layer 2; the client gets INVALID_ARGUMENT naming it, whether one rank dispatches
+    (tp=1) or each rank a slice (tp=2, the refusal carried through the all-gather)."""
+    import json
+    import shutil
+
+    from stagemesh.deploy import launcher
+    from stagemesh.deploy.commands import MeshLayout
+
+    model = checkpoint("mixtral")
+    other = tmp_path / "two-layers"
+    shutil.copytree(model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    commands = launcher.worker_commands
+
+    def misconfigured(layout, coordinator):
+        return [
+            (n, [*a, "--model", str(other)] if n.startswith("expert") else a) for n, a in commands(layout, coordinator)
+        ]
+
+    monkeypatch.setattr(launcher, "worker_commands", misconfigured)
+    layout = MeshLayout(str(model), tp=tp, ep=1, dtype="float64", threads=1, kv_memory="8MiB")
+    mesh = launcher.LocalMesh(layout)
+    try:
+        mesh.start(timeout=120)
+        with Client(mesh.gateway, timeout=60) as client:
+            with pytest.raises(GatewayError) as e:
+                client.generate(GenerationParams([5, 9, 23], max_tokens=4, ignore_eos=True))
+    finally:
+        mesh.stop()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "layer 2" in e.value.details

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from stagemesh.errors import CheckpointError
 from stagemesh.models.config import ModelConfig
-from stagemesh.models.loader import build_model
+from stagemesh.models.loader import CheckpointReader, build_model, load_shard
 from stagemesh.models.plan import ParallelPlan
-from stagemesh.models.tp import TPRank
+from stagemesh.models.tp import COLWISE, TP_PLAN, TPRank, apply_tensor_parallel
+from stagemesh.models.transformer import Transformer
+from torch import nn
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
@@ -31,6 +33,27 @@ def test_tp2_pp2_shard_loads_a_quarter(checkpoint, arch):
             assert reader.bytes_read == expected * 4  # the file is float32: nothing read beyond the shard
             # Half the layers, half of each: a quarter of the layer bytes (norms are whole on each rank).
             assert _layer_params(model) / full_layer_params == pytest.approx(0.25, abs=0.01)
+
+
+def test_a_module_added_to_tp_plan_is_sharded_and_loaded_through_the_table_alone(checkpoint, monkeypatch):
+    """One TP_PLAN entry is all it takes: the sharder gives the module its rank's rows and the loader fills
+    them from the checkpoint tensor the entry names (here a toy copy of up_proj)."""
+    path = checkpoint("llama")
+    reader = CheckpointReader(path)
+    config = reader.config
+    monkeypatch.setitem(TP_PLAN, "mlp.toy_proj", (COLWISE, ("mlp.up_proj",)))
+    tp = TPRank(rank=1, size=2)
+    with torch.device("meta"):
+        model = Transformer(config)
+        for layer in model.layers.values():
+            layer.mlp.toy_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        apply_tensor_parallel(model, tp)
+    load_shard(model, reader, tp, torch.float64)
+    half = config.intermediate_size // 2
+    full = load_file(Path(path) / "model.safetensors")["model.layers.3.mlp.up_proj.weight"]
+    toy = model.layers["3"].mlp.toy_proj.weight
+    assert toy.shape == (half, config.hidden_size)
+    assert torch.equal(toy, full[half:].double())
 
 
 def _layer_params(model) -> int:

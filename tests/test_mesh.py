@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from stagemesh.coordinator.client import cluster_status
+from stagemesh.coordinator.wire import plan_from_message
 from stagemesh.gateway.client import AsyncClient, GenerationParams
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import ParallelPlan
@@ -30,8 +31,7 @@ def test_concurrent_greedy_equals_transformers(llama_mesh, hf_reference):
 def test_workers_hold_their_share_of_the_parameters(llama_mesh, checkpoint):
     status = cluster_status(llama_mesh.coordinator)
     config = ModelConfig.from_dir(checkpoint("llama"))
-    t = status.topology.plan
-    plan = ParallelPlan.build(config, t.tp, t.pp, layers=[(s.first, s.end) for s in t.stages])
+    plan = plan_from_message(status.topology.plan).parallel
     assert len(status.workers) == plan.tp * plan.pp
     for w in status.workers:
         # float64 weights: M / (tp * pp) of the sharded weights plus the replicated norms, from the plan's formula.

@@ -262,6 +262,24 @@ def test_a_full_queue_is_resource_exhausted(one_at_a_time):
         assert len(client.generate(GenerationParams([1, 2], max_tokens=2)).token_ids) == 2
 
 
+def test_beyond_the_model_is_invalid_beyond_the_whole_cache_is_resource_exhausted(checkpoint):
+    """The model's context (512) bounds a request; the KV cache (4 blocks of 16 tokens here) only decides
+    whether it can ever run: prompt + max_tokens over 64 tokens is RESOURCE_EXHAUSTED, not INVALID_ARGUMENT."""
+    mesh = MeshProcess(checkpoint("llama"), "--kv-memory", "64KiB")
+    try:
+        with Client(mesh.gateway, timeout=60) as client:
+            assert client.model_info().max_context == 512
+            with pytest.raises(GatewayError) as e:
+                client.generate(GenerationParams([5] * 600, max_tokens=2))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "context is 512" in e.value.details
+            with pytest.raises(GatewayError) as e:
+                client.generate(GenerationParams([5, 9], max_tokens=100, ignore_eos=True))
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the whole mesh holds 4" in e.value.details
+            assert len(client.generate(GenerationParams([5, 9], max_tokens=60, ignore_eos=True)).token_ids) == 60
+    finally:
+        mesh.stop()
+
+
 def test_not_ready_is_unavailable(checkpoint, tmp_path):
     """A gateway whose mesh has no workers yet answers UNAVAILABLE with the reason."""
     cli = [sys.executable, "-m", "stagemesh.cli"]

@@ -27,3 +27,11 @@ def test_tp_matches_reference(checkpoint, tmp_path, arch, tp):
 def test_tiny_preset_has_tp_beyond_kv_heads(checkpoint):
     """tp=4 above replicates KV heads: the tiny preset has 2 of them."""
     assert ModelConfig.from_dir(checkpoint("llama")).num_key_value_heads == 2
+
+
+def test_shared_memory_collectives_refuse_more_ranks_than_their_header_holds(tmp_path):
+    from stagemesh.stage_worker.shm_collectives import MAX_RANKS, ShmCollectives
+
+    with pytest.raises(ValueError, match=f"hold 1..{MAX_RANKS} ranks; got rank 0 of {MAX_RANKS + 1}"):
+        ShmCollectives(str(tmp_path / "segment"), 0, MAX_RANKS + 1, 1024, create=True)
+    assert ShmCollectives(str(tmp_path / "segment"), 0, MAX_RANKS, 1024, create=True).size == MAX_RANKS
