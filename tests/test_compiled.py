@@ -165,6 +165,7 @@ def test_mesh_pp2_compiled_tokens_and_status(checkpoint):
 
         console = Console(record=True, width=300)
         render(data, console)
-        assert "graphs," in console.export_text() and "s warm-up" in console.export_text()
+        table = console.export_text()
+        assert "graphs," in table and "s warm-up" in table, table
     finally:
         assert mesh.stop() == 0
