@@ -149,10 +149,9 @@ class CompiledDecode:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         self._graph = self._compile()
         before = _graph_count()
-        for b in self.batch_buckets:
-            for blocks in self.block_buckets:
-                self._run_padded(*self._dummy(b, blocks))
-                self.stats.buckets.append((b, blocks))
+        for b, blocks in self._warm_up_pairs():
+            self._run_padded(*self._dummy(b, blocks))
+            self.stats.buckets.append((b, blocks))
         self.stats.graphs = _graph_count() - before
         self.stats.warmup_seconds = time.perf_counter() - start
         log.info(
@@ -163,6 +162,15 @@ class CompiledDecode:
             self.stats.warmup_seconds,
         )
         return self.stats
+
+    def _warm_up_pairs(self) -> list[tuple[int, int]]:
+        """Every (batch, blocks) pair for CUDA graphs, which capture each shape. The CPU graph is symbolic in
+        both: every batch bucket at the fewest blocks and every block bucket at the smallest batch reach every
+        value of each size (a 64 x 4096-key step alone would take seconds to warm up)."""
+        if not self.symbolic:
+            return [(b, k) for b in self.batch_buckets for k in self.block_buckets]
+        small_b, few = self.batch_buckets[0], self.block_buckets[0]
+        return [(b, few) for b in self.batch_buckets] + [(small_b, k) for k in self.block_buckets[1:]]
 
     def _compile(self):
         from torch._inductor import config as inductor
