@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from stagemesh.benchmarks.plots import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.timeout(600)  # the compiled rows compile three times (fp32, bf16, the mesh's stage)
 def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
     cmd = [sys.executable, "-m", "stagemesh.cli", "bench", "--suite", "smoke", "--out", "out"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420)  # compiled rows compile
