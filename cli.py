@@ -445,7 +445,7 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["decode", "compiled", "serving", "parallel", "memory", "experts"]),
+    type=click.Choice(["decode", "compiled", "compiled-mesh", "serving", "parallel", "memory", "experts"]),
     help="Run only these families of rows (repeatable); default: all.",
 )
 def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:

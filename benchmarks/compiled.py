@@ -58,7 +58,13 @@ def run_compiled(ctx: BenchContext) -> list[Row]:
         ctx.drop("hf")
         rows += in_process_rows(ctx, torch.bfloat16, "bf16", roofline=False)
         ctx.drop("hf-bf16", f"compiled-{torch.bfloat16}")
-        rows += mesh_rows(ctx)
+    return rows
+
+
+def run_compiled_mesh(ctx: BenchContext) -> list[Row]:
+    torch.set_num_threads(THREADS)
+    with compile_env(ctx):
+        rows = mesh_rows(ctx)
     ctx.drop(f"compiled-{torch.float32}", "hf")
     return rows
 
