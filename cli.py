@@ -301,6 +301,14 @@ def coordinator_command(**fields) -> None:
     "--kv-memory",
     help="KV cache budget, e.g. 2GiB (default: 256MiB on cpu, 90% of free GPU memory).",
 )
+@option(
+    StageWorkerOptions,
+    "compile",
+    "--compile",
+    is_flag=True,
+    help="Decode through torch.compile graphs captured at start-up (buckets: STAGEMESH_COMPILE_BUCKETS); "
+    "prefill stays eager. Held to tolerances against eager, not to bit-exactness.",
+)
 @security_options
 def stage_worker_command(**fields) -> None:
     """Run a stage worker: one TP rank of one pipeline stage."""
@@ -394,6 +402,13 @@ def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
 @option(MeshLayout, "expert_spares", "--expert-spares", type=int, help="Spare expert workers.")
 @option(MeshLayout, "host", "--host", help="Address every service listens on.")
 @option(MeshLayout, "port", "--port", type=int, help="Gateway port (0 = a free one).")
+@option(
+    MeshLayout,
+    "compile",
+    "--compile",
+    is_flag=True,
+    help="Stage workers decode through torch.compile graphs captured at start-up (see stage-worker --compile).",
+)
 @security_options
 def up_command(config, model_dir, **fields) -> None:
     """Start the whole mesh locally as subprocesses; print `ready gateway=... coordinator=...`; stop on SIGINT/SIGTERM."""
@@ -473,7 +488,7 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["decode", "serving", "parallel", "memory", "experts"]),
+    type=click.Choice(["decode", "compiled", "compiled-mesh", "serving", "parallel", "memory", "experts"]),
     help="Run only these families of rows (repeatable); default: all.",
 )
 def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:

@@ -29,6 +29,7 @@ class StageWorkerOptions(WorkerOptions):
     dist_port: int = 0  # the stage's TCPStore port when this worker is TP rank 0 (0 = a free one)
     kv_memory: str | None = None  # default: 256MiB on cpu, 90% of free GPU memory after loading on cuda
     group_timeout: float = 120.0
+    compile: bool = False  # decode through torch.compile graphs (models.compiled); STAGEMESH_COMPILE_BUCKETS
 
 
 @dataclass(frozen=True)

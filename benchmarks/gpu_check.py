@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -124,12 +125,21 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [[3 + (b * 7919 + i * 131) % (vocab - 3) for i in range(length)] for b in range(batch)]
 
 
-def engine_rates(path: Path, device: str, n: int, prompt_len: int, reps: int) -> tuple[dict, object]:
-    """Decode tokens/s of the reference engine (a stage worker's ModelRunner) at each batch size."""
+def engine_rates(
+    path: Path, device: str, n: int, prompt_len: int, reps: int, compiled: bool = False
+) -> tuple[dict, object]:
+    """Decode tokens/s of the reference engine (a stage worker's ModelRunner) at each batch size; with
+    `compiled`, through the graphs of --compile (CUDA graphs on a GPU), captured for exactly these shapes."""
+    from stagemesh.models.compiled import CompileOptions
     from stagemesh.models.engine import ReferenceEngine
     from stagemesh.models.requests import GenerationRequest
 
-    engine = ReferenceEngine(path, dtype=torch.bfloat16, device=device)
+    options, kv_blocks = None, 256
+    if compiled:
+        blocks = -(-(prompt_len + n) // 16)
+        options = replace(CompileOptions.from_env(), batch_buckets=BATCHES, block_buckets=(blocks,))
+        kv_blocks = BATCHES[-1] * blocks
+    engine = ReferenceEngine(path, dtype=torch.bfloat16, device=device, compile=options, kv_blocks=kv_blocks)
     vocab = engine.config.vocab_size
 
     def run(batch: int, tokens: int) -> float:
@@ -212,6 +222,11 @@ def run_check(out: Path, checkpoint: Path, shape: str, device: str, tokens: int,
     weight_bytes = decode_weight_bytes(engine.model, tied_embedding=False)
     del engine
     _free(device), phase("reference engine")
+    compiled, engine = engine_rates(checkpoint, device, tokens, prompt_len, reps, compiled=True)
+    graphs = engine._runner.compiled.stats
+    compile_info = {"graphs": graphs.graphs, "warmup_seconds": round(graphs.warmup_seconds, 1)}
+    del engine
+    _free(device), phase("compiled engine")
     theirs = hf_rates(checkpoint, device, tokens, prompt_len, reps)
     _free(device), phase("HF eager generate")
     pp = pipeline_rates(checkpoint, device, BATCHES[-1], prompt_len, tokens, reps)
@@ -226,6 +241,8 @@ def run_check(out: Path, checkpoint: Path, shape: str, device: str, tokens: int,
         "copy_bandwidth": bandwidth,
         "weight_bytes": weight_bytes,
         "engine": ours,
+        "compiled": compiled,
+        "compile": compile_info,
         "hf_eager": theirs,
         "pipeline": pp,
         "seconds": phases,
@@ -265,17 +282,26 @@ def markdown(r: dict) -> str:
             f"| decode tok/s, batch {b}, ModelRunner vs HF eager generate | {ours:.1f} | {theirs:.1f} | "
             f"{ours / theirs:.2f}x |"
         )
-    achieved = r["weight_bytes"] * r["engine"][1]
-    lines.append(
-        f"| batch-1 share of HBM roofline ({r['weight_bytes'] / 1e9:.1f} GB/token) | "
-        f"{achieved / 1e9:.0f} GB/s | "
-        f"copy {r['copy_bandwidth'] / 1e9:.0f} GB/s | {achieved / r['copy_bandwidth']:.1%} |"
-    )
+    for b in BATCHES:
+        ours, theirs = r["compiled"][b], r["hf_eager"][b]
+        lines.append(
+            f"| decode tok/s, batch {b}, compiled (--compile) vs HF eager generate | {ours:.1f} | {theirs:.1f} | "
+            f"{ours / theirs:.2f}x |"
+        )
+    for side, label in (("engine", "eager"), ("compiled", "compiled")):
+        achieved = r["weight_bytes"] * r[side][1]
+        lines.append(
+            f"| batch-1 share of HBM roofline, {label} ({r['weight_bytes'] / 1e9:.1f} GB/token) | "
+            f"{achieved / 1e9:.0f} GB/s | "
+            f"copy {r['copy_bandwidth'] / 1e9:.0f} GB/s | {achieved / r['copy_bandwidth']:.1%} |"
+        )
     one, two = r["pipeline"]["pp=1"]["tokens_per_s"], r["pipeline"]["pp=2"]["tokens_per_s"]
     lines.append(
         f"| decode tok/s, batch {BATCHES[-1]}, pp=2 (2 processes, 1 GPU) vs pp=1 | {two:.1f} | {one:.1f} | "
         f"{two / one:.2f}x |"
     )
+    c = r["compile"]
+    lines += ["", f"Compiled: {c['graphs']} graph(s) captured in {c['warmup_seconds']} s."]
     lines += ["", "Seconds per phase: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items())]
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ class BenchOptions:
     mixtral_dir: str | None = None
     out: str = "bench-results"
     command: str = ""  # the command line that ran, for the report
-    only: tuple[str, ...] = ()  # family names to run (decode, serving, parallel, memory, experts); () = all
+    only: tuple[str, ...] = ()  # family names to run (decode, compiled, serving, parallel, memory, experts); () = all
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Family:
 
 
 def families() -> list[Family]:
-    from stagemesh.benchmarks import decode, experts, memory, parallel, serving
+    from stagemesh.benchmarks import compiled, decode, experts, memory, parallel, serving
 
     return [
         Family(
@@ -46,6 +46,27 @@ def families() -> list[Family]:
             decode.run_decode,
             lambda s: 1,
             (("decode_vs_hf", "batch-1 decode vs HF"), ("decode_roofline", "batch-1 decode roofline")),
+        ),
+        Family(
+            "compiled",
+            compiled.run_compiled,
+            lambda s: 6,
+            (
+                ("compiled_fp32_b1", "batch-1 decode, compiled, fp32"),
+                ("compiled_roofline", "batch-1 decode, compiled, roofline"),
+                ("compiled_fp32_b8", "batch-8 decode, compiled, fp32"),
+                ("compiled_bf16_b1", "batch-1 decode, compiled, bf16"),
+                ("compiled_bf16_b8", "batch-8 decode, compiled, bf16"),
+            ),
+        ),
+        Family(  # apart, so a mesh that fails to start keeps the in-process numbers
+            "compiled-mesh",
+            compiled.run_compiled_mesh,
+            lambda s: 3,
+            (
+                ("compiled_mesh_decode", "mesh (1,1) compiled decode"),
+                ("compiled_mixed_throughput", "mixed-length throughput, compiled"),
+            ),
         ),
         Family(
             "serving",

@@ -116,7 +116,7 @@ def mixed_requests(ctx: BenchContext, vocab: int) -> list[tuple[list[int], int]]
     ]
 
 
-def mixed_row(ctx: BenchContext, mesh, hf) -> Row:
+def mixed_row(ctx: BenchContext, mesh, hf, label: str = "mesh (1,1)") -> Row:
     s = ctx.suite
     requests = mixed_requests(ctx, hf.config.vocab_size)
     tokens = sum(n for _, n in requests)
@@ -126,9 +126,9 @@ def mixed_row(ctx: BenchContext, mesh, hf) -> Row:
     mesh_run = lambda: _keep(runs["mesh"], burst(mesh.gateway, requests).requests)  # noqa: E731
     hf_s, mesh_s = alternate(s.heavy_reps, lambda: tokens / timed(hf_run), lambda: tokens / timed(mesh_run))
     ours, base = median(mesh_s), median(hf_s)
-    latency_series(ctx, f"mesh (1,1), {len(requests)} mixed requests", runs["mesh"][-1])
+    latency_series(ctx, f"{label}, {len(requests)} mixed requests", runs["mesh"][-1])
     latency_series(ctx, f"HF static batches of {s.static_batch}", runs["hf"][-1])
-    what = f"throughput, {len(requests)} requests of mixed lengths, mesh (1,1), {THREADS} threads"
+    what = f"throughput, {len(requests)} requests of mixed lengths, {label}, {THREADS} threads"
     row = Row(
         "mixed_throughput",
         what,

@@ -29,6 +29,8 @@ class Suite:
     hop_steps: int  # decode steps sent through one stage hop
     hop_bytes: int  # activations per hop step: hop_bytes / (hidden x itemsize) decode sequences
     profile_steps: int  # decode steps under torch.profiler when a row misses
+    compile_buckets: str = ""  # STAGEMESH_COMPILE_BUCKETS of the compiled rows; "" = CompileOptions' defaults
+    compile_freezing: bool = True  # inductor freezing (prepacked oneDNN weights): slow to compile, fast to run
 
 
 SUITES = {
@@ -97,5 +99,7 @@ SUITES = {
         hop_steps=3,
         hop_bytes=32 * 1024,
         profile_steps=1,
+        compile_buckets="2x2",
+        compile_freezing=False,
     ),
 }

@@ -120,6 +120,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             "steps": s.steps,
             "busy_seconds": s.busy_seconds,
             "expert_load": list(s.expert_load),
+            "compile": s.compile if s.HasField("compile") else None,
         }
         return pb.HeartbeatReply(epoch=self.roster.heartbeat(request.worker_id, stats))
 
@@ -185,6 +186,7 @@ def worker_status(roster: Roster, w: Worker, now: float) -> pb.WorkerStatus:
         busy_seconds=w.stats.get("busy_seconds", 0.0),
         memory_bytes=w.memory_bytes,
         expert_load=w.stats.get("expert_load", []),
+        compile=w.stats.get("compile"),
     )
 
 

@@ -37,6 +37,7 @@ def status_dict(status: pb.ClusterStatus) -> dict:
                     {"layer": l.layer, "expert_ids": list(l.expert_ids), "tokens": list(l.tokens)}
                     for l in w.expert_load
                 ],
+                "compile": _compile_dict(w) if w.HasField("compile") else None,
             }
         )
     gateway = None
@@ -73,6 +74,24 @@ def status_dict(status: pb.ClusterStatus) -> dict:
     }
 
 
+def _compile_dict(w: pb.WorkerStatus) -> dict:
+    c = w.compile
+    return {
+        "graphs": c.graphs,
+        "warmup_seconds": round(c.warmup_seconds, 2),
+        "compiled_steps": c.compiled_steps,
+        "eager_steps": c.eager_steps,
+        "buckets": c.buckets,
+    }
+
+
+def _compiled_cell(c: dict | None) -> str:
+    """'3 graphs, 41.2 s warm-up, 120/8 steps' (compiled / eager steps), or '-' for an eager worker."""
+    if not c:
+        return "-"
+    return f"{c['graphs']} graphs, {c['warmup_seconds']:.1f} s warm-up, {c['compiled_steps']}/{c['eager_steps']} steps"
+
+
 def expert_imbalance(load: list[dict]) -> float | None:
     """max / mean of tokens per expert, summed over layers (1.0 = perfectly even)."""
     totals: dict[int, int] = {}
@@ -106,6 +125,7 @@ def render(data: dict, console) -> None:
         "KV used / cap",
         "steps",
         "busy s",
+        "compiled",
     ):
         table.add_column(col)
     all_load = []
@@ -122,6 +142,7 @@ def render(data: dict, console) -> None:
             kv,
             str(w["steps"]),
             f"{w['busy_seconds']:.2f}",
+            _compiled_cell(w.get("compile")),
         )
         all_load += w["expert_load"]
     for x in data["spares"]:

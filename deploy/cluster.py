@@ -79,6 +79,7 @@ class WorkersSection:
     dist_port: int = 29500  # stage s's torch.distributed store, on its TP rank 0, listens on dist_port + s
     threads: int | None = None  # torch threads per worker; None = torch's default (every core)
     kv_memory: str | None = None  # KV budget per stage worker; None = 90% of the GPU's free memory
+    compile: bool = False  # stage workers decode through compiled graphs (CUDA graphs on GPUs)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class Cluster:
             dtype=self.model.dtype,
             threads=self.workers.threads,
             kv_memory=self.workers.kv_memory,
+            compile=self.workers.compile,
             host=self.bind,
             port=self.gateway.port,
             coordinator_port=self.coordinator.port,

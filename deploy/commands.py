@@ -27,6 +27,7 @@ class MeshLayout(LayoutOptions):
     http_port: int | None = None  # the gateway's OpenAI-compatible HTTP port (0 = a free one); None = off
     spares: int = 0  # stage workers beyond the plan: each waits to take a lost stage role
     expert_spares: int = 0  # the same for expert workers
+    compile: bool = False  # stage workers decode through compiled graphs (--compile)
 
     @property
     def workers(self) -> int:
@@ -66,6 +67,7 @@ def stage_worker_command(
     argv += ["--kv-memory", layout.kv_memory] if layout.kv_memory else []
     argv += ["--device", site.device]
     argv += ["--stage", str(stage), "--tp-rank", str(rank)] if stage is not None else []
+    argv += ["--compile"] if layout.compile else []
     return argv + (["--dist-port", str(site.dist_port)] if site.dist_port is not None else [])
 
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from stagemesh.errors import ResourceExhausted
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.blocks import BlockAllocator
+from stagemesh.models.compiled import CompileOptions
 from stagemesh.models.loader import build_model
 from stagemesh.models.requests import GenerationRequest, SampledToken, finish_reason
 from stagemesh.models.runner import ModelRunner
@@ -25,16 +27,30 @@ class Generation:
 
 
 class ReferenceEngine:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu", block_size: int = 16):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        block_size: int = 16,
+        compile: CompileOptions | None = None,
+        kv_blocks: int = 256,  # the fixed KV pool of a compiled engine (its graphs are captured over it)
+    ):
         self.model, _ = build_model(model_dir, dtype=dtype, device=device)
         self.config = self.model.config
         self.device = device
         self.block_size = block_size
         self._runner: ModelRunner | None = None
+        if compile is not None:
+            self._runner = ModelRunner(self.model, kv_blocks, block_size, device, compile=compile)
+            self._runner.compiled.warm_up()
 
     def _runner_for(self, tokens: list[int]) -> tuple[ModelRunner, BlockAllocator]:
         blocks = sum(-(-t // self.block_size) for t in tokens)
-        if self._runner is None or self._runner.num_blocks < blocks:
+        runner = self._runner
+        if runner is not None and runner.compiled is not None and runner.num_blocks < blocks:
+            raise ResourceExhausted(f"{blocks} KV blocks needed; this compiled engine has {runner.num_blocks}")
+        if runner is None or runner.num_blocks < blocks:
             self._runner = ModelRunner(self.model, blocks, self.block_size, self.device)
         return self._runner, BlockAllocator(self._runner.num_blocks, self.block_size)
 

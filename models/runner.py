@@ -11,17 +11,22 @@ from dataclasses import replace
 import torch
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.batch import SeqChunk, StepBatch
+from stagemesh.models.compiled import CompiledDecode, CompileOptions
 from stagemesh.models.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu") -> None:
+    def __init__(
+        self, model: Transformer, num_blocks: int, block_size: int, device="cpu", compile: CompileOptions | None = None
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        model.allocate_kv(num_blocks, block_size, self.dtype, self.device)
+        # The compiled path pads decode batches into one extra block past the pool (never handed out).
+        model.allocate_kv(num_blocks + (compile is not None), block_size, self.dtype, self.device)
+        self.compiled = CompiledDecode(model, num_blocks, block_size, compile) if compile else None
 
     @property
     def config(self):
@@ -48,6 +53,10 @@ class ModelRunner:
             input_ids = input_ids.to(self.device)
         if hidden is not None:
             hidden = hidden.to(self.device)
+        if self.compiled is not None:
+            if not all_logits and self.compiled.takes(batch):
+                return self.compiled(batch, input_ids, hidden)
+            self.compiled.stats.eager_steps += 1
         return self.model(batch, input_ids=input_ids, hidden=hidden)
 
     def check(self, chunks: list[SeqChunk], input_ids, hidden) -> None:

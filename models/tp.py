@@ -50,6 +50,7 @@ class TPRank:
     group: dist.ProcessGroup | None = None
     local: object | None = None  # has fits(t), all_reduce(t), all_gather(t)
 
+    @torch.compiler.disable  # collectives run eagerly between the compiled decode's graphs (models.compiled)
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.local is not None and self.local.fits(t):
             self.local.all_reduce(t)
@@ -57,6 +58,7 @@ class TPRank:
             with collective("all-reduce"):
                 dist.all_reduce(t, group=self.group)
 
+    @torch.compiler.disable
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         if self.local is not None and self.local.fits(t):
             return self.local.all_gather(t)

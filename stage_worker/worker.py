@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from stagemesh.coordinator.client import CoordinatorClient
 from stagemesh.errors import CollectiveError, ResourceExhausted, StagemeshError, Unavailable
+from stagemesh.models.compiled import CompiledDecode, CompileOptions
 from stagemesh.models.dtypes import serving_dtype
 from stagemesh.models.loader import build_model
 from stagemesh.models.plan import ParallelPlan
@@ -103,6 +104,7 @@ class StageRuntime:
             kv_blocks_used=sum(link.table.blocks_used for link in self.links),
             steps=engine.steps if engine else 0,
             busy_seconds=engine.busy_seconds if engine else 0.0,
+            compile=_compile_info(engine.runner.compiled) if engine and engine.runner.compiled else None,
         )
 
     def follow_leader(self) -> None:
@@ -190,7 +192,22 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
     runtime.num_blocks, runtime.block_size = blocks, spec.block_size
     runtime.hidden_size, runtime.dtype = plan.hidden_size, dtype
     fault = oom_fault(assignment.stage, assignment.tp_rank)
-    return StageEngine(ModelRunner(model, blocks, spec.block_size, device), tp, fault)
+    compile_options = CompileOptions.from_env() if opts.compile else None
+    runner = ModelRunner(model, blocks, spec.block_size, device, compile=compile_options)
+    if runner.compiled is not None:  # every TP rank compiles the same buckets in the same order (collectives)
+        runner.compiled.warm_up()
+    return StageEngine(runner, tp, fault)
+
+
+def _compile_info(compiled: CompiledDecode) -> cpb.CompileInfo:
+    s = compiled.stats
+    return cpb.CompileInfo(
+        graphs=s.graphs,
+        warmup_seconds=s.warmup_seconds,
+        compiled_steps=s.compiled_steps,
+        eager_steps=s.eager_steps,
+        buckets=compiled.describe_buckets(),
+    )
 
 
 async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:

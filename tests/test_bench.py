@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from stagemesh.benchmarks.plots import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,13 @@ ROWS = {
     "moe_decode",
     "expert_ffn",
     "tp_dispatch",
+    "compiled_fp32_b1",
+    "compiled_roofline",
+    "compiled_fp32_b8",
+    "compiled_bf16_b1",
+    "compiled_bf16_b8",
+    "compiled_mesh_decode",
+    "compiled_mixed_throughput",
 }
 
 
@@ -35,9 +43,10 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.timeout(600)  # the compiled rows compile three times (fp32, bf16, the mesh's stage)
 def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
     cmd = [sys.executable, "-m", "stagemesh.cli", "bench", "--suite", "smoke", "--out", "out"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420)  # compiled rows compile
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "out"
     data = json.loads((out / "results.json").read_text())
@@ -61,7 +70,9 @@ def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
 
 
 def test_gpu_check_flow_runs_on_cpu(tmp_path):
+    # freezing off: the compiled phase then compiles in seconds (the CUDA run never freezes)
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env["STAGEMESH_COMPILE_FREEZING"] = "0"
     cmd = [
         "bash",
         str(ROOT / "benchmarks" / "gpu_check.sh"),
@@ -79,7 +90,7 @@ def test_gpu_check_flow_runs_on_cpu(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    for side in ("engine", "hf_eager"):
+    for side in ("engine", "compiled", "hf_eager"):
         assert all(_finite(v) and v > 0 for v in result[side].values()), side
     assert set(result["pipeline"]) == {"pp=1", "pp=2"}
     assert result["pipeline"]["pp=2"]["micro_batches"] == 2
