@@ -31,7 +31,6 @@ class Assignment:
     tp_rank: int
     expert_index: int
     plan: MeshPlan
-    rendezvous: str  # host:port of the stage's store; empty for TP rank 0, who creates it
     epoch: int
 
 
@@ -61,15 +60,26 @@ class CoordinatorClient:
         request.hostname = request.hostname or socket.gethostname()
         a = await self.call("Register", request, timeout=timeout)
         plan = plan_from_message(a.plan)
-        return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.rendezvous, a.epoch)
+        return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.epoch)
 
-    async def heartbeats(self, worker_id: str, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 0.5):
+    async def join_group(self, worker_id: str, failed_epoch: int) -> pb.GroupAssignment:
+        """Returns when every rank of this worker's stage meets at one group epoch: as long as it takes for
+        a spare to take a lost rank's role."""
+        return await self.call("JoinGroup", pb.JoinGroupRequest(worker_id=worker_id, failed_epoch=failed_epoch), None)
+
+    async def heartbeats(
+        self,
+        worker_id: str,
+        stats: Callable[[], pb.WorkerStats],
+        on_reply: Callable[[pb.HeartbeatReply], None] = lambda reply: None,
+        interval: float = 0.5,
+    ):
         """Runs forever; NOT_FOUND (the coordinator forgot us) or FAILED_PRECONDITION (we were declared dead
         and lost our role) ends it with an error: the process exits and may be restarted as a spare."""
         while True:
             try:
                 reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
-                on_epoch(reply.epoch)
+                on_reply(reply)
             except (NotFound, FailedPrecondition):  # forgotten, or declared dead: leave
                 raise
             except StagemeshError as e:

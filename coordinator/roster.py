@@ -5,6 +5,10 @@ membership events. No gRPC here: the servicer drives it.
 A worker silent for `heartbeat_timeout` is dead: it loses its role at once (its id is remembered, so a
 process that comes back after a partition is refused its old role and must register again, as a spare).
 The first spare of the right kind takes a lost role; until one does the topology says why it is not ready.
+
+A tp>1 stage's ranks form their group under a group epoch (StageGroup). When one of them is lost (or
+reports that its group failed) the stage moves to a new epoch: the survivors and the spare that takes the
+lost role meet there (join_group) and the stage serves again once every rank is formed in it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ class Event:
 
 
 @dataclass
+class StageGroup:
+    """A tp>1 stage's tensor-parallel group at its current epoch."""
+
+    epoch: int = 0
+    joining: set[str] = field(default_factory=set)  # ids of the workers asking to form this epoch
+    rendezvous: str = ""  # this epoch's store (host:port), published by its rank 0
+
+
+@dataclass
 class Worker:
     worker_id: str
     kind: str
@@ -55,6 +68,7 @@ class Worker:
     tp_rank: int = 0
     expert_index: int = 0
     state: str = "registered"  # registered -> ready; down while silent
+    group_epoch: int = -1  # the TP group epoch this rank reported being formed in
     last_heartbeat: float = 0.0
     param_bytes: int = 0
     kv_blocks: int = 0
@@ -103,7 +117,7 @@ class Roster:
         self.clock = clock
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
-        self.rendezvous: dict[int, str] = {}
+        self.groups = {s: StageGroup() for s in range(plan.pp)} if plan.tp > 1 else {}
         self.spares: dict[int, Spare] = {}
         self.lost: dict[tuple, str] = {}  # role -> who held it when it died, until a worker takes it
         self.taking_over: set[tuple] = set()  # lost roles a spare holds but has not loaded yet
@@ -197,27 +211,63 @@ class Roster:
 
     # ---- lifecycle ----
 
-    def set_rendezvous(self, worker_id: str, address: str) -> None:
-        worker = self.get(worker_id)
-        if worker.kind != STAGE or worker.tp_rank != 0:
+    def join_group(self, worker_id: str, failed_epoch: int) -> tuple[int, bool, str]:
+        """A rank asks to form its stage's group; `failed_epoch` is the epoch that failed on it (-1: none).
+        Returns (epoch, whether every rank of the stage asks for it, the epoch's rendezvous so far)."""
+        worker = self._group_member(worker_id)
+        group = self.groups[worker.stage]
+        if failed_epoch >= group.epoch:
+            self._new_group_epoch(
+                worker.stage, f"rank {worker.tp_rank} reports its group at epoch {failed_epoch} failed"
+            )
+        if worker_id not in group.joining:
+            group.joining.add(worker_id)
+            self.on_change()  # wakes the other ranks' JoinGroup calls
+        ranks = [self._holder((STAGE, worker.stage, r)) for r in range(self.plan.tp)]
+        return group.epoch, all(w is not None and w.worker_id in group.joining for w in ranks), group.rendezvous
+
+    def set_rendezvous(self, worker_id: str, address: str, group_epoch: int) -> None:
+        worker = self._group_member(worker_id)
+        group = self.groups[worker.stage]
+        if worker.tp_rank != 0:
             raise FailedPrecondition("only a stage's TP rank 0 publishes its rendezvous")
-        self.rendezvous[worker.stage] = address
+        if group_epoch != group.epoch:
+            raise FailedPrecondition(f"stage {worker.stage} is at group epoch {group.epoch}, not {group_epoch}")
+        group.rendezvous = address
         self.on_change()
 
-    def mark_ready(self, worker_id: str, param_bytes: int, kv_blocks: int, kv_bytes_per_block: int) -> None:
+    def _group_member(self, worker_id: str) -> Worker:
         worker = self.get(worker_id)
-        worker.state, worker.param_bytes = "ready", param_bytes
+        if worker.kind != STAGE or worker.stage not in self.groups:
+            raise FailedPrecondition(f"{_describe_role(worker.role)} is in no tensor-parallel group (tp=1)")
+        return worker
+
+    def _new_group_epoch(self, stage: int, cause: str) -> None:
+        """The stage's group is gone: its ranks (survivors and whoever takes a lost role) meet at the next
+        epoch; the stage serves again once each reports ready in it."""
+        group = self.groups[stage]
+        group.epoch, group.joining, group.rendezvous = group.epoch + 1, set(), ""
+        self._refresh()
+        self.log("regroup", f"stage {stage} forms its tensor-parallel group at epoch {group.epoch}: {cause}")
+
+    def mark_ready(
+        self, worker_id: str, param_bytes: int, kv_blocks: int, kv_bytes_per_block: int, group_epoch: int = 0
+    ) -> None:
+        worker = self.get(worker_id)
+        worker.state, worker.param_bytes, worker.group_epoch = "ready", param_bytes, group_epoch
         self.taking_over.discard(worker.role)
         worker.kv_blocks, worker.kv_bytes_per_block = kv_blocks, kv_bytes_per_block
         worker.last_heartbeat = self.clock()
         self._refresh()
         self.log("ready", f"{self.describe(worker)} at {worker.address}")
 
-    def heartbeat(self, worker_id: str, stats: dict) -> int:
+    def heartbeat(self, worker_id: str, stats: dict) -> tuple[int, int]:
+        """Returns (the pipeline epoch, the worker's stage's group epoch; 0 without a group)."""
         worker = self.get(worker_id)
         worker.last_heartbeat = self.clock()
         worker.stats = stats
-        return self.topology.pipeline_epoch
+        group = self.groups.get(worker.stage) if worker.kind == STAGE else None
+        return self.topology.pipeline_epoch, group.epoch if group else 0
 
     def sweep(self) -> None:
         """Declares workers silent for longer than the heartbeat timeout dead: each loses its role."""
@@ -232,10 +282,10 @@ class Roster:
         self.taking_over.discard(worker.role)
         self.dead.add(worker.worker_id)
         self.lost[worker.role] = worker.address
-        if worker.kind == STAGE and worker.tp_rank == 0:
-            self.rendezvous.pop(worker.stage, None)
         self._refresh()
         self.log("dead", f"{_describe_role(worker.role)} at {worker.address}: {cause}")
+        if worker.kind == STAGE and worker.stage in self.groups:
+            self._new_group_epoch(worker.stage, f"{_describe_role(worker.role)} is lost")
 
     # ---- topology ----
 
@@ -259,12 +309,15 @@ class Roster:
         ]
         replaced = {r for r in self.lost if r[0] == EXPERT and not uncovered}  # live replicas cover them
         unfilled = [r for r, h in holders.items() if (h is None or h.state == "registered") and r not in replaced]
+        reforming = sorted(
+            {r[1] for r, h in holders.items() if r[0] == STAGE and h and h.state == "ready" and not self._formed(h)}
+        )
         waiting = [r for r in unfilled if r not in self.lost and r not in self.taking_over]
         waiting = [_describe_role(r) for r in waiting]
         lost = [r for r in self.roles() if r in self.lost and (r[0] == STAGE or uncovered)]  # replicas cover the rest
         spare_kinds = [s.kind for s in self.spares.values()]
         uncovered_lost = [r for r in lost if spare_kinds.count(r[0]) < sum(x[0] == r[0] for x in lost)]
-        ready = not unfilled and not lost and not uncovered
+        ready = not unfilled and not lost and not uncovered and not reforming
         reason, recovering = "", False
         if waiting:
             reason = f"waiting for {', '.join(waiting)}"
@@ -272,9 +325,12 @@ class Roster:
             recovering = not uncovered_lost
             spare = "a spare is taking over" if recovering else "no spare"
             reason = f"{', '.join(map(_describe_role, lost))} {'is' if len(lost) == 1 else 'are'} down, {spare}"
-        elif not ready:
+        elif unfilled:
             loading = [_describe_role(r) for r, h in holders.items() if h is not None and h.state == "registered"]
             recovering, reason = True, f"a spare is loading {', '.join(loading)}"
+        elif reforming:
+            stages = ", ".join(f"stage {s}" for s in reforming)
+            recovering, reason = True, f"{stages} re-forming the tensor-parallel group"
         if uncovered and not waiting and not ready:
             reason += f" (experts {','.join(map(str, uncovered))} have no live worker)"
         stages = [w for r, w in holders.items() if r[0] == STAGE and w is not None and w.state == "ready"]
@@ -289,6 +345,10 @@ class Roster:
             recovering=recovering,
             plan=self.mesh_plan,
         )
+
+    def _formed(self, worker: Worker) -> bool:
+        group = self.groups.get(worker.stage)
+        return group is None or worker.group_epoch == group.epoch
 
     @property
     def mesh_plan(self) -> MeshPlan:

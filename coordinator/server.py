@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from stagemesh.coordinator.roster import STAGE, NoFreeRole, Roster, Spare, Worker
 from stagemesh.coordinator.wire import plan_message, topology_message
-from stagemesh.errors import DeadlineExceeded
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import LayoutOptions, ServingSpec
 from stagemesh.proto import coordinator_pb2 as pb
@@ -39,10 +38,9 @@ class ChangeFeed:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, roster: Roster, feed: ChangeFeed, rendezvous_timeout: float = 300.0) -> None:
+    def __init__(self, roster: Roster, feed: ChangeFeed) -> None:
         self.roster = roster
         self.feed = feed
-        self.rendezvous_timeout = rendezvous_timeout
         self.gateway: pb.GatewayReport | None = None
         self.gateway_seen = 0.0
 
@@ -52,9 +50,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         as its call stays open) until a role is lost."""
         worker = await self._register_or_wait(request)
         log.info("registered %s as %s", worker.address, self.roster.describe(worker))
-        rendezvous = ""
-        if worker.kind == STAGE and worker.tp_rank > 0:
-            rendezvous = await self._rendezvous(worker.stage)
         return pb.Assignment(
             worker_id=worker.worker_id,
             kind=worker.kind,
@@ -62,7 +57,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             tp_rank=worker.tp_rank,
             expert_index=worker.expert_index,
             plan=plan_message(self.roster.mesh_plan),
-            rendezvous=rendezvous,
             epoch=self.roster.topology.pipeline_epoch,
         )
 
@@ -90,22 +84,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if spare is not None:
                 self.roster.remove_spare(spare)
 
-    async def _rendezvous(self, stage: int) -> str:
-        deadline = time.monotonic() + self.rendezvous_timeout
-        while stage not in self.roster.rendezvous:
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"stage {stage}'s rank 0 did not publish its rendezvous in time")
+    @maps_errors
+    async def JoinGroup(self, request: pb.JoinGroupRequest, context) -> pb.GroupAssignment:
+        """Waits (within the caller's deadline) until every rank of the stage asks for the same epoch and,
+        for ranks > 0, until that epoch's rank 0 has published its store."""
+        is_leader = self.roster.get(request.worker_id).tp_rank == 0
+        while True:
+            epoch, complete, rendezvous = self.roster.join_group(request.worker_id, request.failed_epoch)
+            if complete and (is_leader or rendezvous):
+                return pb.GroupAssignment(group_epoch=epoch, rendezvous="" if is_leader else rendezvous)
             await self.feed.wait(1.0)
-        return self.roster.rendezvous[stage]
 
     @maps_errors
     async def SetRendezvous(self, request: pb.RendezvousRequest, context) -> pb.Empty:
-        self.roster.set_rendezvous(request.worker_id, request.address)
+        self.roster.set_rendezvous(request.worker_id, request.address, request.group_epoch)
         return pb.Empty()
 
     @maps_errors
     async def ReportReady(self, request: pb.ReadyRequest, context) -> pb.Empty:
-        self.roster.mark_ready(request.worker_id, request.param_bytes, request.kv_blocks, request.kv_bytes_per_block)
+        r = request
+        self.roster.mark_ready(r.worker_id, r.param_bytes, r.kv_blocks, r.kv_bytes_per_block, r.group_epoch)
         worker = self.roster.get(request.worker_id)
         log.info("ready: %s (%d parameter bytes)", self.roster.describe(worker), request.param_bytes)
         if self.roster.topology.ready:
@@ -122,7 +120,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             "expert_load": list(s.expert_load),
             "compile": s.compile if s.HasField("compile") else None,
         }
-        return pb.HeartbeatReply(epoch=self.roster.heartbeat(request.worker_id, stats))
+        epoch, group_epoch = self.roster.heartbeat(request.worker_id, stats)
+        return pb.HeartbeatReply(epoch=epoch, group_epoch=group_epoch)
 
     @maps_errors
     async def ReportGateway(self, request: pb.GatewayReport, context) -> pb.Empty:

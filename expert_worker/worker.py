@@ -56,7 +56,7 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     expert_ids = list(plan.parallel.expert_groups[assignment.expert_index])
     log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)
     stats = lambda: expert_stats(servicer.engine)  # noqa: E731
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, stats, lambda epoch: None))
+    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, stats))
     if opts.metrics_port is not None:
         role = {"expert_worker": str(assignment.expert_index)}
         log.info("metrics on port %d", serve_metrics(worker_registry(stats, role), opts.host, opts.metrics_port))

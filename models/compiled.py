@@ -144,7 +144,13 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def warm_up(self) -> CompileStats:
-        """Compiles every batch bucket and runs every (batch, blocks) pair once, so serving never compiles."""
+        """Compiles every batch bucket and runs every (batch, blocks) pair once, so serving never compiles.
+        Again after a TP group was re-formed, the same steps (and collectives) as a spare's first warm-up:
+        the graphs exist, so this only runs them."""
+        if self._graph is not None:
+            for b, blocks in self._warm_up_pairs():
+                self._run_padded(*self._dummy(b, blocks))
+            return self.stats
         start = time.perf_counter()
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         self._graph = self._compile()

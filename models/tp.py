@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,30 +40,45 @@ MOE_TP_PLAN: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+class Collectives(Protocol):
+    """How a TP group's tensors travel: stage_worker.tp_group.TPGroup (shared memory or a process group,
+    re-formed in place when a rank is replaced) or ProcessGroupCollectives (plain torch.distributed)."""
+
+    def all_reduce(self, t: torch.Tensor) -> None: ...
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class TPRank:
-    """Where this process sits in its stage's TP group, and how its collectives travel: through `local`
-    (shared memory, for ranks on one host, see stage_worker.shm_collectives) when it takes the tensor,
-    else torch.distributed on `group` (gloo or NCCL). Every rank decides the same way for a given tensor."""
+    """Where this process sits in its stage's TP group; its collectives go through `comm` (None at size 1).
+    Every rank of a group makes the same calls in the same order."""
 
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None
-    local: object | None = None  # has fits(t), all_reduce(t), all_gather(t)
+    comm: Collectives | None = None
 
     @torch.compiler.disable  # collectives run eagerly between the compiled decode's graphs (models.compiled)
     def all_reduce(self, t: torch.Tensor) -> None:
-        if self.local is not None and self.local.fits(t):
-            self.local.all_reduce(t)
-        else:
-            with collective("all-reduce"):
-                dist.all_reduce(t, group=self.group)
+        self.comm.all_reduce(t)
 
     @torch.compiler.disable
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        if self.local is not None and self.local.fits(t):
-            return self.local.all_gather(t)
-        parts = [torch.empty_like(t) for _ in range(self.size)]
+        return self.comm.all_gather(t)
+
+
+class ProcessGroupCollectives:
+    """torch.distributed on `group` (None: the default group), for ranks set up outside a stage worker."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        with collective("all-reduce"):
+            dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
         with collective("all-gather"):
             dist.all_gather(parts, t, group=self.group)
         return parts

@@ -39,6 +39,11 @@ class CoordinatorStub:
                 request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.Assignment.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/stagemesh.v1.Coordinator/JoinGroup',
+                request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.GroupAssignment.FromString,
+                _registered_method=True)
         self.SetRendezvous = channel.unary_unary(
                 '/stagemesh.v1.Coordinator/SetRendezvous',
                 request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.RendezvousRequest.SerializeToString,
@@ -80,14 +85,22 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Assigns a role. A TP rank > 0 waits here until its stage leader has published the rendezvous.
+        """Assigns a role; with every role held, the caller waits here as a spare until one is lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinGroup(self, request, context):
+        """A TP rank's place in its stage's group: returns once every rank of the stage asks for the same group
+        epoch (after a replacement, survivors and the spare meet at a new one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetRendezvous(self, request, context):
-        """The stage leader's torch.distributed store address, for the other ranks of its stage.
+        """The epoch's rank 0 publishes its torch.distributed store address, for the other ranks of its stage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +151,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.RegisterRequest.FromString,
                     response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.Assignment.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.JoinGroupRequest.FromString,
+                    response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.GroupAssignment.SerializeToString,
             ),
             'SetRendezvous': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRendezvous,
@@ -202,6 +220,33 @@ class Coordinator:
             '/stagemesh.v1.Coordinator/Register',
             stagemesh_dot_proto_dot_coordinator__pb2.RegisterRequest.SerializeToString,
             stagemesh_dot_proto_dot_coordinator__pb2.Assignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.Coordinator/JoinGroup',
+            stagemesh_dot_proto_dot_coordinator__pb2.JoinGroupRequest.SerializeToString,
+            stagemesh_dot_proto_dot_coordinator__pb2.GroupAssignment.FromString,
             options,
             channel_credentials,
             insecure,

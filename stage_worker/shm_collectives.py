@@ -45,6 +45,7 @@ class ShmCollectives:
         self._slots = buffer[HEADER * 8 :].view(2, size, slot_bytes)  # (parity, rank, bytes)
         self._op = 0
         self._header[MAX_RANKS + rank] = os.getpid()
+        self.aborted = False  # set from another thread when the group is re-formed: waiting ranks give up
 
     @classmethod
     def create_path(cls) -> str:
@@ -112,8 +113,10 @@ class ShmCollectives:
                     os.sched_yield()
                 continue
             time.sleep(IDLE_SLEEP)
-            if spins % 256 == 0 and not _alive(int(self._header[32])):
-                raise RuntimeError(f"tensor-parallel rank 0 (pid {self._header[32]}) is gone")
+            if self.aborted:
+                raise CollectiveError("the tensor-parallel group is being re-formed")
+            if spins % 256 == 0 and not _alive(int(self._header[MAX_RANKS])):
+                raise CollectiveError(f"tensor-parallel rank 0 (pid {self._header[MAX_RANKS]}) is gone")
 
     def _spin(self, done, op: int) -> None:
         spins, deadline = 0, None
@@ -126,6 +129,8 @@ class ShmCollectives:
                 self._check_peers(op, deadline)
 
     def _check_peers(self, op: int, deadline: float) -> None:
+        if self.aborted:
+            raise CollectiveError("the tensor-parallel group is being re-formed")
         for r in range(self.size):
             if self._header[r] < op and not _alive(int(self._header[MAX_RANKS + r])):
                 raise CollectiveError(f"tensor-parallel rank {r} (pid {self._header[MAX_RANKS + r]}) is gone")

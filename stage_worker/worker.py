@@ -1,5 +1,6 @@
 """A stage worker process: register with the coordinator, join the stage's TP group, load the shard,
-serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped."""
+serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped.
+A TP group that fails (a rank died) is re-formed in place: steps are refused meanwhile, weights stay."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_ref
 from stagemesh.stage_worker.engine import StageEngine, StepWork
 from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
 from stagemesh.stage_worker.faults import oom_fault
+from stagemesh.stage_worker.membership import GroupMembership
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
-from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, create_store, exit_process
+from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
 from stagemesh.units import parse_bytes
 from stagemesh.workers import StageWorkerOptions, device_memory
@@ -48,8 +50,9 @@ class StageRuntime:
         self.stage_addresses: tuple[str, ...] = ()
         self.pipeline_known = asyncio.Event()  # set once the topology named every stage's leader
         self.experts = ExpertDirectory()
-        self.broken: str | None = None
-        self.group_lost = asyncio.Event()  # set from the compute thread when a collective failed
+        self.broken: str | None = None  # why steps are refused (the TP group is being re-formed)
+        self.regroup = asyncio.Event()  # set when the group must be re-formed (keep_group)
+        self.group_serving = False  # formed and serving: a larger group epoch from the coordinator re-forms
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -63,6 +66,7 @@ class StageRuntime:
         is one every rank raised at the same point, so it fails this step only. A collective failure means
         the group is gone. Anything else (an out-of-memory mid-step, a bug) fails the step too when this
         rank computes alone, but with TP peers it leaves them inside a collective: the group is out of step.
+        Either way the group is re-formed (keep_group) and its steps are refused until then.
         """
         if self.broken:
             raise Unavailable(self.broken)
@@ -71,32 +75,64 @@ class StageRuntime:
                 self.group.broadcast(payload)
             return self.engine.run(work)
         except CollectiveError as e:
-            raise self._break(f"its tensor-parallel group failed ({e})") from None
+            raise self._group_failed(f"its tensor-parallel group failed ({e})") from None
         except StagemeshError:
             raise
         except Exception as e:
             if self.group is not None:
-                raise self._break(f"a step failed on the leader alone, out of step with its TP peers ({e!r})") from e
+                raise self._group_failed(
+                    f"a step failed on the leader alone, out of step with its peers ({e!r})"
+                ) from e
             if isinstance(e, torch.OutOfMemoryError):
                 raise ResourceExhausted(f"stage {self.stage} ran out of memory for this step: {e}") from None
             log.exception("step %d failed", work.step_id)
             raise StagemeshError(f"stage {self.stage} failed this step: {e!r}") from None
 
-    def _break(self, reason: str) -> Unavailable:
-        """Called on the compute thread; the process then leaves (leave_when_group_lost)."""
+    def _group_failed(self, reason: str) -> Unavailable:
+        """On the compute thread: refuse steps until keep_group has re-formed the group."""
         self.broken = f"stage {self.stage}: {reason}"
         log.error("%s", self.broken)
-        self._loop.call_soon_threadsafe(self.group_lost.set)
+        self._loop.call_soon_threadsafe(self.regroup.set)
         return Unavailable(self.broken)
-
-    async def leave_when_group_lost(self) -> None:
-        """A broken group is not repaired in place: the process leaves, its role goes to a spare."""
-        await self.group_lost.wait()
-        raise Unavailable(f"{self.broken}; leaving so that a spare takes this role")
 
     def on_epoch(self, epoch: int) -> None:
         """The coordinator's pipeline epoch, from heartbeats and the topology watch."""
         self.epoch = max(self.epoch, epoch)
+
+    def on_heartbeat(self, reply: cpb.HeartbeatReply) -> None:
+        """A group epoch beyond this rank's: a rank of the stage was lost while this one had no collective
+        in flight to notice. Ranks waiting in a shared-memory collective give up at once (abort)."""
+        self.on_epoch(reply.epoch)
+        if self.group is not None and self.group_serving and reply.group_epoch > self.group.epoch:
+            self.group_serving = False
+            self.broken = self.broken or f"stage {self.stage}: its group moves to epoch {reply.group_epoch}"
+            self.group.abort()
+            self.regroup.set()
+
+    async def keep_group(self, membership: GroupMembership, report_ready) -> None:
+        """Runs for the worker's life: a peer rank follows the leader's steps; whenever the group fails,
+        it is re-formed under the coordinator's next group epoch, and the stage serves again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.group.rank > 0:
+                reason = await loop.run_in_executor(self.executor, self.follow_leader)
+                if reason is None:
+                    return  # the leader stopped: so does this rank
+                self.broken = self.broken or f"stage {self.stage}: {reason}"
+            else:
+                await self.regroup.wait()
+            self.group_serving = False
+            self.group.abort()
+            failed = self.group.epoch
+            log.warning("%s; re-forming the group (epoch %d failed)", self.broken, failed)
+            await loop.run_in_executor(self.executor, lambda: None)  # the compute thread is idle, and
+            self.regroup.clear()  # a step that was in flight has already reported its failure
+            await membership.form(self.executor, failed)
+            if self.engine.runner.compiled is not None:  # the same warm-up steps as a spare's (collectives)
+                await loop.run_in_executor(self.executor, self.engine.runner.compiled.warm_up)
+            self.broken = None
+            self.group_serving = True
+            await report_ready()
 
     def stats(self) -> cpb.WorkerStats:
         engine = self.engine
@@ -107,10 +143,10 @@ class StageRuntime:
             compile=_compile_info(engine.runner.compiled) if engine and engine.runner.compiled else None,
         )
 
-    def follow_leader(self) -> None:
-        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop.
-        A step's StagemeshError is one the leader raises too (see compute); a collective failure or any
-        other error ends the loop, and with it this worker: the group cannot go on in step."""
+    def follow_leader(self) -> str | None:
+        """A peer rank's loop (compute thread): run every step the leader broadcasts until it says stop
+        (returns None) or a collective fails (returns why: the group is re-formed). A step's
+        StagemeshError is one the leader raises too (see compute); any other error ends this worker."""
         try:
             while (payload := self.group.broadcast()) != SHUTDOWN:
                 try:
@@ -119,8 +155,9 @@ class StageRuntime:
                     raise
                 except StagemeshError as e:
                     log.warning("step failed: %s", e)
+            return None
         except CollectiveError as e:
-            raise Unavailable(f"stage {self.stage}: the tensor-parallel group failed, leaving ({e})") from None
+            return f"its tensor-parallel group failed ({e})"
         except Exception as e:
             raise Unavailable(f"stage {self.stage}: a step failed on this TP rank alone ({e!r}); leaving") from e
 
@@ -142,19 +179,23 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
 
     client, assignment = await _register(opts, address, device)
     runtime.stage = assignment.stage
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, runtime.on_epoch))
+    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, runtime.on_heartbeat))
     if opts.metrics_port is not None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
         log.info("metrics on http://%s:%d/metrics", opts.host, port)
+    membership = None
     if assignment.plan.parallel.tp > 1:
-        runtime.group = await _join_group(client, assignment, advertise, opts, device)
+        runtime.group = TPGroup(assignment.tp_rank, assignment.plan.parallel.tp, device, opts.group_timeout)
+        membership = GroupMembership(client, assignment.worker_id, runtime.group, opts.host, advertise, opts.dist_port)
+        await membership.form(runtime.executor)
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
     await _report_ready(client, assignment, runtime)
+    runtime.group_serving = True
     await set_serving(health, [SERVICE], True)
-    background = [heartbeat, _watch(client, runtime), runtime.leave_when_group_lost()]
-    if runtime.group and runtime.group.rank > 0:
-        background.append(loop.run_in_executor(runtime.executor, runtime.follow_leader))
+    background = [heartbeat, _watch(client, runtime)]
+    if membership is not None:
+        background.append(runtime.keep_group(membership, lambda: _report_ready(client, assignment, runtime)))
     code = 0
     try:
         await run_service(
@@ -219,6 +260,7 @@ async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRun
             kv_blocks=runtime.num_blocks,
             param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
+            group_epoch=runtime.group.epoch if runtime.group else 0,
         ),
     )
 
@@ -229,18 +271,6 @@ def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
     owners = [plan.expert_owners(e) for e in range(experts)]
     pool = ExpertPool(lambda: runtime.experts)
     return lambda layer: RemoteExperts(layer, owners, pool, tp)
-
-
-async def _join_group(client: CoordinatorClient, assignment, advertise: str, opts: StageWorkerOptions, device):
-    loop = asyncio.get_running_loop()
-    rank, size = assignment.tp_rank, assignment.plan.parallel.tp
-    if rank == 0:
-        store = create_store(opts.host, opts.dist_port, size, opts.group_timeout)
-        await client.call(
-            "SetRendezvous", cpb.RendezvousRequest(worker_id=assignment.worker_id, address=f"{advertise}:{store.port}")
-        )
-        return await loop.run_in_executor(None, TPGroup, rank, size, device, store, opts.group_timeout)
-    return await loop.run_in_executor(None, TPGroup.join, rank, size, assignment.rendezvous, device, opts.group_timeout)
 
 
 async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from stagemesh.models.compiled import CompileOptions
 from stagemesh.models.loader import build_model
 from stagemesh.models.runner import ModelRunner
-from stagemesh.models.tp import TPRank
+from stagemesh.models.tp import ProcessGroupCollectives, TPRank
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from compiled_support import decode_logits  # noqa: E402
@@ -20,7 +20,7 @@ prompts = [[int(t) for t in p.split(",")] for p in sys.argv[6:]]
 torch.set_num_threads(1)
 store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
 dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-model, _ = build_model(model_dir, tp=TPRank(rank, world, dist.group.WORLD), dtype=torch.float32)
+model, _ = build_model(model_dir, tp=TPRank(rank, world, ProcessGroupCollectives()), dtype=torch.float32)
 runner = ModelRunner(model, num_blocks=64, block_size=16, compile=CompileOptions.from_env())
 runner.compiled.warm_up()
 logits, tokens = decode_logits(runner, prompts, steps=8)

@@ -9,14 +9,14 @@ import torch.distributed as dist
 from stagemesh.models.batch import SeqChunk
 from stagemesh.models.loader import build_model
 from stagemesh.models.runner import ModelRunner
-from stagemesh.models.tp import TPRank
+from stagemesh.models.tp import ProcessGroupCollectives, TPRank
 
 rank, world, port, model_dir, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 prompts = [[int(t) for t in p.split(",")] for p in sys.argv[6:]]
 torch.set_num_threads(1)
 store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
 dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-model, reader = build_model(model_dir, tp=TPRank(rank, world, dist.group.WORLD), dtype=torch.float64)
+model, reader = build_model(model_dir, tp=TPRank(rank, world, ProcessGroupCollectives()), dtype=torch.float64)
 runner = ModelRunner(model, num_blocks=64, block_size=16)
 chunks, next_block = [], 0
 for i, p in enumerate(prompts):
