@@ -26,8 +26,9 @@ def _prompts(n: int) -> list[list[int]]:
 class Streams:
     """n concurrent streams, each collecting its deltas; `started` once every stream has a token."""
 
-    def __init__(self, gateway: str, requests: list[GenerationParams]) -> None:
+    def __init__(self, gateway: str, requests: list[GenerationParams], deadlines: list[float] | None = None) -> None:
         self.requests = requests
+        self.deadlines = deadlines or [120.0] * len(requests)  # seconds, each stream's gRPC deadline
         self.deltas: list[list[list[int]]] = [[] for _ in requests]
         self.finished = [False] * len(requests)
         self.errors: list[GatewayError | None] = [None] * len(requests)
@@ -39,9 +40,9 @@ class Streams:
             t.start()
 
     def _run(self, gateway: str, i: int) -> None:
-        with Client(gateway, timeout=120) as client:
+        with Client(gateway) as client:
             try:
-                for part in client.stream(self.requests[i]):
+                for part in client.stream(self.requests[i], timeout=self.deadlines[i]):
                     if part.token_ids:
                         self.deltas[i].append(list(part.token_ids))
                 self.finished[i] = True
@@ -92,9 +93,9 @@ def _worker_process(mesh: MeshProcess, role: str):
     raise LookupError(role)
 
 
-def _kill_mid_stream(mesh: MeshProcess, role: str, requests: list[GenerationParams]) -> Streams:
+def _kill_mid_stream(mesh: MeshProcess, role: str, requests: list[GenerationParams], deadlines=None) -> Streams:
     victim = _worker_process(mesh, role)
-    streams = Streams(mesh.gateway, requests)
+    streams = Streams(mesh.gateway, requests, deadlines)
     streams.wait_all_started()
     victim.kill()
     assert not any(streams.finished) and not any(streams.errors), "a stream ended before the kill"
@@ -156,6 +157,8 @@ def _coordctl(*args: str):
 
 
 def test_seeded_sampling_across_a_failure_equals_the_failure_free_run(checkpoint):
+    """Also: a stream whose deadline passes during the recovery (the heartbeat timeout alone is 3 s) ends
+    with DEADLINE_EXCEEDED, and the gateway frees its KV blocks."""
     mesh = MeshProcess(checkpoint("llama"), "--pp", "2", "--spares", "1", *ARGS)
     try:
         _wait_spares(mesh, 1)
@@ -164,7 +167,14 @@ def test_seeded_sampling_across_a_failure_equals_the_failure_free_run(checkpoint
         ]
         expected = _reference(mesh.gateway, requests)
         assert len({tuple(e) for e in expected}) > 1
-        _assert_exact(_kill_mid_stream(mesh, "stage 1 rank 0", requests), expected)
+        late = GenerationParams(_prompts(5)[-1], max_tokens=4 * MAX_TOKENS, ignore_eos=True)
+        streams = _kill_mid_stream(mesh, "stage 1 rank 0", [*requests, late], deadlines=[120.0] * 4 + [3.0])
+        assert streams.errors[4] is not None and streams.errors[4].code == grpc.StatusCode.DEADLINE_EXCEEDED
+        _assert_exact(streams, expected)  # the first four
+        deadline = time.monotonic() + 10
+        while cluster_status(mesh.coordinator).gateway.kv_blocks_used and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster_status(mesh.coordinator).gateway.kv_blocks_used == 0
     finally:
         mesh.stop()
 
