@@ -103,7 +103,7 @@ class ForwardLink:
             try:
                 out = await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.compute, payload, work)
             except StagemeshError as e:
-                if runtime.broken:
+                if runtime.broken and e.code == "UNAVAILABLE":  # the TP group is re-formed: the stream ends
                     raise
                 await self._fail(step, chunks, e)
                 return

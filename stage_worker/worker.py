@@ -66,7 +66,7 @@ class StageRuntime:
         is one every rank raised at the same point, so it fails this step only. A collective failure means
         the group is gone. Anything else (an out-of-memory mid-step, a bug) fails the step too when this
         rank computes alone, but with TP peers it leaves them inside a collective: the group is out of step.
-        Either way the group is re-formed (keep_group) and its steps are refused until then.
+        Either way the group is re-formed (keep_group) and steps are refused (UNAVAILABLE) until then.
         """
         if self.broken:
             raise Unavailable(self.broken)
@@ -79,14 +79,14 @@ class StageRuntime:
         except StagemeshError:
             raise
         except Exception as e:
-            if self.group is not None:
-                raise self._group_failed(
-                    f"a step failed on the leader alone, out of step with its peers ({e!r})"
-                ) from e
             if isinstance(e, torch.OutOfMemoryError):
-                raise ResourceExhausted(f"stage {self.stage} ran out of memory for this step: {e}") from None
-            log.exception("step %d failed", work.step_id)
-            raise StagemeshError(f"stage {self.stage} failed this step: {e!r}") from None
+                error = ResourceExhausted(f"stage {self.stage} ran out of memory for this step: {e}")
+            else:
+                log.exception("step %d failed", work.step_id)
+                error = StagemeshError(f"stage {self.stage} failed this step: {e!r}")
+            if self.group is not None:  # this step fails with its own code; the next ones wait for the group
+                self._group_failed(f"a step failed on the leader alone, out of step with its peers ({e!r})")
+            raise error from None
 
     def _group_failed(self, reason: str) -> Unavailable:
         """On the compute thread: refuse steps until keep_group has re-formed the group."""

@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 import torch
-from stagemesh.coordinator.client import cluster_status
+from stagemesh.coordinator.client import cluster_events, cluster_status
 from stagemesh.gateway.client import AsyncClient, Client, GatewayError, GenerationParams
 from stagemesh.models.engine import ReferenceEngine
 from stagemesh.models.requests import GenerationRequest
@@ -97,6 +97,37 @@ def test_tp2_ranks_agree_on_an_out_of_memory_step(checkpoint, reference):
             error = _refused_long_prompt(client)
         assert "another TP rank of this stage is out of memory" in error.details
         assert "retry with a shorter prompt" in error.details
+        wait_kv_free(mesh.coordinator)
+        _assert_still_serving_exactly(mesh, reference)
+    finally:
+        assert mesh.stop() == 0
+
+
+def test_tp2_out_of_memory_inside_the_leaders_forward_fails_its_step_and_re_forms_the_group(checkpoint, reference):
+    """tp=2 pp=2, stage 1's rank 0 alone runs out of memory inside the forward, leaving rank 1 inside a
+    collective: that step's request fails with RESOURCE_EXHAUSTED, the two ranks re-form their group under a
+    new epoch (no process leaves, no spare needed), and a stream that was running meanwhile (in the other
+    micro-batch) is replayed and finishes exactly."""
+    mesh = _oom_mesh(checkpoint, ["--tp", "2", "--pp", "2"], at="forward", stage="1", rank="0")
+    try:
+
+        async def run():
+            async with AsyncClient(mesh.gateway, timeout=120) as client:
+                stream = client.stream(GenerationParams(SHORT[0], max_tokens=80, ignore_eos=True))
+                first = await stream.__anext__()
+                with pytest.raises(GatewayError) as e:
+                    await client.generate(GenerationParams(LONG, max_tokens=5, ignore_eos=True))
+                tokens = list(first.token_ids)
+                async for chunk in stream:
+                    tokens.extend(chunk.token_ids)
+                return e.value, first, tokens
+
+        error, first, tokens = asyncio.run(run())
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "injected out-of-memory" in error.details
+        assert first.finish_reason is None
+        assert tokens == reference(SHORT[0], 80)
+        events = [e["kind"] for e in cluster_events(mesh.coordinator)]
+        assert "regroup" in events and "dead" not in events
         wait_kv_free(mesh.coordinator)
         _assert_still_serving_exactly(mesh, reference)
     finally:
