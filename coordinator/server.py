@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from stagemesh.coordinator.roster import STAGE, NoFreeRole, Roster, Spare, Worker
+from stagemesh.coordinator.roster import EXPERT, STAGE, HeldRole, NoFreeRole, Roster, Spare, Worker
 from stagemesh.coordinator.wire import plan_message, topology_message
 from stagemesh.errors import DeadlineExceeded
 from stagemesh.models.config import ModelConfig
@@ -49,11 +49,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @maps_errors
     async def Register(self, request: pb.RegisterRequest, context) -> pb.Assignment:
         """Assigns a role; with every role of its kind held, the caller waits here as a spare (for as long
-        as its call stays open) until a role is lost."""
-        worker = await self._register_or_wait(request)
+        as its call stays open) until a role is lost. A rejoin gets its role back at once, or is refused."""
+        if request.HasField("rejoin"):
+            worker = self._rejoin(request)
+        else:
+            worker = await self._register_or_wait(request)
         log.info("registered %s as %s", worker.address, self.roster.describe(worker))
         rendezvous = ""
-        if worker.kind == STAGE and worker.tp_rank > 0:
+        if worker.kind == STAGE and worker.tp_rank > 0 and not request.HasField("rejoin"):
             rendezvous = await self._rendezvous(worker.stage)
         return pb.Assignment(
             worker_id=worker.worker_id,
@@ -90,6 +93,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if spare is not None:
                 self.roster.remove_spare(spare)
 
+    def _rejoin(self, r: pb.RegisterRequest) -> Worker:
+        j = r.rejoin
+        held = HeldRole(
+            j.state, j.param_bytes, j.kv_blocks, j.kv_bytes_per_block, j.rendezvous, j.pipeline_epoch, j.worker_id
+        )
+        role = (STAGE, r.stage, r.tp_rank) if r.kind == STAGE else (EXPERT, r.expert_index)
+        return self.roster.rejoin(r.kind, r.address, r.device, r.hostname, r.memory_bytes, role, held)
+
     async def _rendezvous(self, stage: int) -> str:
         deadline = time.monotonic() + self.rendezvous_timeout
         while stage not in self.roster.rendezvous:
@@ -122,7 +133,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             "expert_load": list(s.expert_load),
             "compile": s.compile if s.HasField("compile") else None,
         }
-        return pb.HeartbeatReply(epoch=self.roster.heartbeat(request.worker_id, stats))
+        epoch, leave = self.roster.heartbeat(request.worker_id, stats)
+        return pb.HeartbeatReply(epoch=epoch, leave=leave)
 
     @maps_errors
     async def ReportGateway(self, request: pb.GatewayReport, context) -> pb.Empty:
@@ -143,6 +155,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.EventList(
             events=[pb.Event(time=e.time, epoch=e.epoch, kind=e.kind, detail=e.detail) for e in self.roster.events]
         )
+
+    @maps_errors
+    async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainReply:
+        worker = self.roster.drain(request.worker)
+        log.info("drained %s at %s", self.roster.describe(worker), worker.address)
+        return pb.DrainReply(worker_id=worker.worker_id, role=self.roster.describe(worker), address=worker.address)
 
     @maps_errors
     async def Status(self, request: pb.StatusRequest, context) -> pb.ClusterStatus:

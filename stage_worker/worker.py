@@ -1,5 +1,6 @@
 """A stage worker process: register with the coordinator, join the stage's TP group, load the shard,
-serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped."""
+serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped (or
+drained); a restarted coordinator gets the role back from the heartbeats (coordinator.client.Membership)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import CoordinatorClient, Membership
 from stagemesh.errors import CollectiveError, ResourceExhausted, StagemeshError, Unavailable
 from stagemesh.models.compiled import CompiledDecode, CompileOptions
 from stagemesh.models.dtypes import serving_dtype
@@ -140,9 +141,10 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     await server.start()
     await set_serving(health, [SERVICE], False)
 
-    client, assignment = await _register(opts, address, device)
+    client, request, assignment = await _register(opts, address, device)
     runtime.stage = assignment.stage
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, runtime.on_epoch))
+    membership = Membership(client, request, assignment, lambda: _held(runtime, advertise))
+    heartbeat = asyncio.ensure_future(_heartbeat_until_drained(membership, runtime))
     if opts.metrics_port is not None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
@@ -150,7 +152,7 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     if assignment.plan.parallel.tp > 1:
         runtime.group = await _join_group(client, assignment, advertise, opts, device)
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
-    await _report_ready(client, assignment, runtime)
+    await _report_ready(client, membership, runtime)
     await set_serving(health, [SERVICE], True)
     background = [heartbeat, _watch(client, runtime), runtime.leave_when_group_lost()]
     if runtime.group and runtime.group.rank > 0:
@@ -175,9 +177,9 @@ async def _register(opts: StageWorkerOptions, address: str, device: torch.device
     request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
     if opts.stage is not None or opts.tp_rank is not None:
         request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
-    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
+    assignment = await client.register(request, timeout=None, patience=opts.connect_timeout)  # spares wait here
     log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.spec.model_dir)
-    return client, assignment
+    return client, request, assignment
 
 
 def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, device: torch.device) -> StageEngine:
@@ -210,17 +212,36 @@ def _compile_info(compiled: CompiledDecode) -> cpb.CompileInfo:
     )
 
 
-async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
+def _holdings(runtime: StageRuntime) -> dict:
     model = runtime.engine.runner.model
-    await client.call(
-        "ReportReady",
-        cpb.ReadyRequest(
-            worker_id=assignment.worker_id,
-            kv_blocks=runtime.num_blocks,
-            param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-            kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
-        ),
-    )
+    return {
+        "kv_blocks": runtime.num_blocks,
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "kv_bytes_per_block": model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
+    }
+
+
+async def _report_ready(client: CoordinatorClient, membership: Membership, runtime: StageRuntime) -> None:
+    await client.call("ReportReady", cpb.ReadyRequest(worker_id=membership.worker_id, **_holdings(runtime)))
+
+
+def _held(runtime: StageRuntime, advertise: str) -> cpb.Rejoin:
+    """What this worker holds, for a coordinator that restarted (Membership rejoins with it)."""
+    if not runtime.ready:
+        return cpb.Rejoin(state="registered", pipeline_epoch=runtime.epoch)
+    group = runtime.group
+    rendezvous = f"{advertise}:{group.store.port}" if group is not None and group.rank == 0 else ""
+    return cpb.Rejoin(state="ready", pipeline_epoch=runtime.epoch, rendezvous=rendezvous, **_holdings(runtime))
+
+
+async def _heartbeat_until_drained(membership: Membership, runtime: StageRuntime) -> None:
+    """Heartbeats until the coordinator drains this worker; then waits (10 s at most) for the pipeline
+    streams through it to close (the gateway moves to the spare's pipeline) and returns: the worker stops."""
+    await membership.heartbeats(runtime.stats, runtime.on_epoch)
+    for _ in range(100):
+        if not runtime.links:
+            return
+        await asyncio.sleep(0.1)
 
 
 def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
@@ -245,6 +266,8 @@ async def _join_group(client: CoordinatorClient, assignment, advertise: str, opt
 
 async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
     async for topology in client.topologies():
+        if topology.restoring:  # a restarted coordinator rebuilding its roster: the last topology holds
+            continue
         runtime.on_epoch(topology.pipeline_epoch)
         runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:
