@@ -108,16 +108,20 @@ class Membership:
 
     async def heartbeats(self, stats: Callable[[], pb.WorkerStats], on_epoch, interval: float = 0.5) -> str:
         """Runs until the coordinator says leave; returns why."""
+        failing = False
         while True:
             try:
                 leave = await self._beat(stats, on_epoch)
                 if leave:
                     log.warning("the coordinator asks this worker to leave: %s", leave)
                     return leave
+                failing = False
             except FailedPrecondition:  # declared dead, or the role is held by another process
                 raise
             except StagemeshError as e:  # the coordinator is away (restarting): keep serving, keep trying
-                log.warning("heartbeat: %s", e)
+                if not failing:
+                    log.warning("heartbeat: %s (serving on, retrying every %.1fs)", e, interval)
+                failing = True
             await asyncio.sleep(interval)
 
     async def _beat(self, stats, on_epoch) -> str:

@@ -52,9 +52,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         as its call stays open) until a role is lost. A rejoin gets its role back at once, or is refused."""
         if request.HasField("rejoin"):
             worker = self._rejoin(request)
+            log.info("%s rejoined as %s", worker.address, self.roster.describe(worker))
         else:
             worker = await self._register_or_wait(request)
-        log.info("registered %s as %s", worker.address, self.roster.describe(worker))
+            log.info("registered %s as %s", worker.address, self.roster.describe(worker))
         rendezvous = ""
         if worker.kind == STAGE and worker.tp_rank > 0 and not request.HasField("rejoin"):
             rendezvous = await self._rendezvous(worker.stage)
