@@ -367,6 +367,7 @@ class Roster:
             if candidate.pipeline() != old.pipeline():
                 pipeline_epoch = self._resumed_epoch(candidate) or epoch
             self.topology = replace(candidate, epoch=epoch, pipeline_epoch=pipeline_epoch)
+            self._resumable = self._resumable and not candidate.ready  # only the first ready pipeline may resume
             self.on_change()
 
     def _resumed_epoch(self, candidate: Topology) -> int | None:
@@ -374,7 +375,6 @@ class Roster:
         since, the pipeline is the one of that epoch (same leaders, same KV): it keeps its number."""
         if not (candidate.ready and self._resumable and self.rejoins):
             return None
-        self._resumable = False
         stages = [w for w in self.workers.values() if w.kind == STAGE]
         epochs = {w.rejoined_epoch for w in stages}
         return epochs.pop() if len(epochs) == 1 and None not in epochs else None

@@ -227,11 +227,13 @@ async def _report_ready(client: CoordinatorClient, membership: Membership, runti
 
 def _held(runtime: StageRuntime, advertise: str) -> cpb.Rejoin:
     """What this worker holds, for a coordinator that restarted (Membership rejoins with it)."""
-    if not runtime.ready:
-        return cpb.Rejoin(state="registered", pipeline_epoch=runtime.epoch)
     group = runtime.group
     rendezvous = f"{advertise}:{group.store.port}" if group is not None and group.rank == 0 else ""
-    return cpb.Rejoin(state="ready", pipeline_epoch=runtime.epoch, rendezvous=rendezvous, **_holdings(runtime))
+    held = cpb.Rejoin(state="ready" if runtime.ready else "registered", pipeline_epoch=runtime.epoch)
+    held.rendezvous = rendezvous
+    if runtime.ready:
+        held.MergeFrom(cpb.Rejoin(**_holdings(runtime)))
+    return held
 
 
 async def _heartbeat_until_drained(membership: Membership, runtime: StageRuntime) -> None:
