@@ -1,4 +1,4 @@
-"""`coordctl`: administer a running mesh (status) and plan layouts before deploying one (plan)."""
+"""`coordctl`: administer a running mesh (status, events, drain) and plan layouts before deploying one (plan)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def status_command(coordinator, as_json, timeout) -> None:
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the coordinator.")
 @security_options
 def events_command(coordinator, as_json, timeout) -> None:
-    """List membership and epoch changes (registered, spare, dead, takeover, ready) with times and causes."""
+    """List membership and epoch changes (registered, spare, dead, takeover, ready, rejoined, drained) with times
+    and causes."""
     from stagemesh.coordinator.client import cluster_events
 
     events = cluster_events(coordinator, timeout)
@@ -47,6 +48,25 @@ def events_command(coordinator, as_json, timeout) -> None:
         click.echo(json.dumps(events, indent=2))
     for e in [] if as_json else events:
         click.echo(f"{e['time']}  epoch {e['epoch']:>3}  {e['kind']:<10} {e['detail']}")
+
+
+@main.command("drain")
+@click.argument("worker")
+@click.option("--coordinator", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the coordinator.")
+@security_options
+def drain_command(worker, coordinator, as_json, timeout) -> None:
+    """Move WORKER's role (a worker id, its address, or a role: "stage 1 rank 0", "expert worker 0") to a
+    waiting spare; the worker leaves, in-flight requests are replayed on the new pipeline. Refused
+    (exit 2) when no spare of its kind waits."""
+    from stagemesh.coordinator.client import drain_worker
+
+    drained = drain_worker(coordinator, worker, timeout)
+    if as_json:
+        click.echo(json.dumps(drained, indent=2))
+    else:
+        click.echo(f"drained {drained['role']} ({drained['worker_id']} at {drained['address']}): a spare takes it")
 
 
 @main.command("plan")

@@ -1,5 +1,6 @@
-"""Talking to the coordinator: registration and heartbeats for workers, the topology feed for the gateway
-and workers, status for coordctl. Turns gRPC failures into errors a person can act on."""
+"""Talking to the coordinator: registration and heartbeats for workers (Membership: rejoining a restarted
+coordinator, leaving when drained), the topology feed for the gateway and workers, status, events and drain
+for coordctl. Turns gRPC failures into errors a person can act on."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from stagemesh.proto.rpc import aio_channel, channel, error_from_rpc
 
 log = logging.getLogger("stagemesh.coordinator.client")
 
+# A coordinator that went away is redialled at least once a second (gRPC's default backoff grows to 120 s):
+# workers rejoin a restarted coordinator within its restoring window.
+RECONNECT = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000))
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -39,7 +44,7 @@ class CoordinatorClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = aio_channel(address)
+        self._channel = aio_channel(address, options=RECONNECT)
         self.stub = pb_grpc.CoordinatorStub(self._channel)
 
     async def connect(self, timeout: float) -> None:
@@ -55,36 +60,20 @@ class CoordinatorClient:
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, f"coordinator at {self.address}") from None
 
-    async def register(self, request: pb.RegisterRequest, timeout: float | None) -> Assignment:
-        """A spare's call returns only when it is given a role: timeout None waits as long as it takes."""
+    async def register(self, request: pb.RegisterRequest, timeout: float | None, patience: float = 30.0) -> Assignment:
+        """A spare's call returns only when it is given a role: timeout None waits as long as it takes. A
+        coordinator that goes away meanwhile (a restart) is waited for up to `patience` seconds."""
         request.hostname = request.hostname or socket.gethostname()
-        a = await self.call("Register", request, timeout=timeout)
-        plan = plan_from_message(a.plan)
-        return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.epoch)
-
-    async def join_group(self, worker_id: str, failed_epoch: int) -> pb.GroupAssignment:
-        """Returns when every rank of this worker's stage meets at one group epoch: as long as it takes for
-        a spare to take a lost rank's role."""
-        return await self.call("JoinGroup", pb.JoinGroupRequest(worker_id=worker_id, failed_epoch=failed_epoch), None)
-
-    async def heartbeats(
-        self,
-        worker_id: str,
-        stats: Callable[[], pb.WorkerStats],
-        on_reply: Callable[[pb.HeartbeatReply], None] = lambda reply: None,
-        interval: float = 0.5,
-    ):
-        """Runs forever; NOT_FOUND (the coordinator forgot us) or FAILED_PRECONDITION (we were declared dead
-        and lost our role) ends it with an error: the process exits and may be restarted as a spare."""
         while True:
             try:
-                reply = await self.call("Heartbeat", pb.HeartbeatRequest(worker_id=worker_id, stats=stats()), 5.0)
-                on_reply(reply)
-            except (NotFound, FailedPrecondition):  # forgotten, or declared dead: leave
-                raise
-            except StagemeshError as e:
-                log.warning("heartbeat: %s", e)
-            await asyncio.sleep(interval)
+                a = await self.call("Register", request, timeout=timeout)
+                break
+            except Unavailable as e:
+                log.warning("register: %s; waiting for the coordinator to come back", e)
+                await asyncio.sleep(0.5)
+                await self.connect(patience)
+        plan = plan_from_message(a.plan)
+        return Assignment(a.worker_id, a.kind, a.stage, a.tp_rank, a.expert_index, plan, a.epoch)
 
     async def topologies(self) -> AsyncIterator[Topology]:
         """Every topology the coordinator publishes; reconnects when the stream breaks."""
@@ -98,6 +87,78 @@ class CoordinatorClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class Membership:
+    """A worker's place in the mesh as the coordinator knows it: its role, and the worker id that names it.
+
+    Heartbeats keep it. A coordinator that answers NOT_FOUND does not know the id (it restarted): the worker
+    re-registers with the role and the state it holds (`state()`, a pb.Rejoin) and goes on under a new id,
+    weights and serving untouched. A reply that says `leave` (a drain) ends the heartbeats normally: the
+    process stops cleanly. FAILED_PRECONDITION (declared dead, or the role is now held by another process)
+    ends them with that error: the process exits and may be restarted as a spare."""
+
+    def __init__(
+        self, client: CoordinatorClient, request: pb.RegisterRequest, assignment: Assignment, state: Callable
+    ) -> None:
+        self.client, self.request, self.assignment, self.state = client, request, assignment, state
+        self.worker_id = assignment.worker_id
+        self.pipeline_epoch = assignment.epoch  # the largest one heard of
+
+    async def heartbeats(
+        self,
+        stats: Callable[[], pb.WorkerStats],
+        on_reply: Callable[[pb.HeartbeatReply], None] = lambda reply: None,
+        interval: float = 0.5,
+    ) -> str:
+        """Runs until the coordinator says leave; returns why. `on_reply` sees every other reply (epochs)."""
+        failing = False
+        while True:
+            try:
+                leave = await self._beat(stats, on_reply)
+                if leave:
+                    log.warning("the coordinator asks this worker to leave: %s", leave)
+                    return leave
+                failing = False
+            except FailedPrecondition:  # declared dead, or the role is held by another process
+                raise
+            except StagemeshError as e:  # the coordinator is away (restarting): keep serving, keep trying
+                if not failing:
+                    log.warning("heartbeat: %s (serving on, retrying every %.1fs)", e, interval)
+                failing = True
+            await asyncio.sleep(interval)
+
+    async def _beat(self, stats, on_reply) -> str:
+        request = pb.HeartbeatRequest(worker_id=self.worker_id, stats=stats())
+        try:
+            reply = await self.client.call("Heartbeat", request, 5.0)
+        except NotFound:  # a coordinator that never heard of this worker: it restarted
+            await self._rejoin()
+            return ""
+        if not reply.leave:
+            self.pipeline_epoch = max(self.pipeline_epoch, reply.epoch)
+            on_reply(reply)
+        return reply.leave
+
+    async def join_group(self, failed_epoch: int) -> pb.GroupAssignment:
+        """A TP rank's JoinGroup (stage_worker.group_formation): returns when every rank of the stage meets at
+        one group epoch, as long as it takes for a spare to take a lost rank's role."""
+        request = pb.JoinGroupRequest(worker_id=self.worker_id, failed_epoch=failed_epoch)
+        return await self.client.call("JoinGroup", request, None)
+
+    async def _rejoin(self) -> None:
+        a, request = self.assignment, pb.RegisterRequest()
+        request.CopyFrom(self.request)
+        if a.kind == "stage":
+            request.stage, request.tp_rank = a.stage, a.tp_rank
+        else:
+            request.expert_index = a.expert_index
+        request.rejoin.CopyFrom(self.state())
+        request.rejoin.worker_id = self.worker_id
+        request.rejoin.pipeline_epoch = max(request.rejoin.pipeline_epoch, self.pipeline_epoch)
+        reply = await self.client.call("Register", request, timeout=10.0)
+        log.warning("the coordinator restarted: rejoined as %s (was %s)", reply.worker_id, self.worker_id)
+        self.worker_id = reply.worker_id
 
 
 def cluster_status(address: str, timeout: float = 5.0) -> pb.ClusterStatus:
@@ -127,3 +188,13 @@ def cluster_events(address: str, timeout: float = 5.0) -> list[dict]:
         }
         for e in reply.events
     ]
+
+
+def drain_worker(address: str, worker: str, timeout: float = 10.0) -> dict:
+    """Blocking Drain call for coordctl: the drained worker's id, role and address."""
+    with channel(address) as ch:
+        try:
+            reply = pb_grpc.CoordinatorStub(ch).Drain(pb.DrainRequest(worker=worker), timeout=timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"coordinator at {address}") from None
+    return {"worker_id": reply.worker_id, "role": reply.role, "address": reply.address}

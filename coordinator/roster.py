@@ -9,11 +9,21 @@ The first spare of the right kind takes a lost role; until one does the topology
 A tp>1 stage's ranks form their group under a group epoch (StageGroup). When one of them is lost (or
 reports that its group failed) the stage moves to a new epoch: the survivors and the spare that takes the
 lost role meet there (join_group) and the stage serves again once every rank is formed in it.
+
+A coordinator that restarts starts with an empty roster; the workers it does not know re-register with the
+role and state they hold (`rejoin`). For its first `grace` seconds (the heartbeat timeout by default) the
+roster is *restoring*: roles go only to rejoining workers or to workers that name their role, role-less
+workers (spares) wait, and the topology says `restoring` so that followers keep serving on the topology
+they had. The window closes early once every role is held. If any worker rejoined, the roles nobody took
+back by then are lost (a spare takes them). Epochs never go backwards: they start above the highest
+pipeline epoch a rejoining worker reports, and when every stage comes back ready at one and the same
+pipeline epoch, the pipeline is the one it was and keeps that epoch (steps in flight stay valid).
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,8 +53,21 @@ class Spare:
 class Event:
     time: float  # unix seconds
     epoch: int
-    kind: str  # registered, spare, takeover, dead, ready, drain
+    kind: str  # registered, spare, takeover, dead, ready, regroup, rejoined, drained
     detail: str
+
+
+@dataclass(frozen=True)
+class HeldRole:
+    """What a rejoining worker reports it holds (see Roster.rejoin)."""
+
+    state: str  # ready | registered (still loading)
+    param_bytes: int = 0
+    kv_blocks: int = 0
+    kv_bytes_per_block: int = 0
+    group_epoch: int = 0  # a tp>1 stage's rank: the TP group epoch it is formed in
+    pipeline_epoch: int = 0  # the last one it knows
+    worker_id: str = ""  # its id under the previous coordinator
 
 
 @dataclass
@@ -74,6 +97,7 @@ class Worker:
     kv_blocks: int = 0
     kv_bytes_per_block: int = 0
     stats: dict = field(default_factory=dict)  # kv_blocks_used, steps, busy_seconds, expert_load
+    rejoined_epoch: int | None = None  # a rejoined worker's last pipeline epoch under the previous coordinator
 
     @property
     def role(self) -> tuple:
@@ -91,6 +115,7 @@ class Topology:
     expert_alive: tuple[bool, ...] = ()
     pipeline_epoch: int = 0
     recovering: bool = False  # not ready only while spares take over lost roles
+    restoring: bool = False  # the coordinator (re)started moments ago: followers keep their last topology
     plan: MeshPlan | None = None  # the same for every epoch; carried so followers get it with the topology
 
     def pipeline(self) -> tuple:
@@ -99,7 +124,8 @@ class Topology:
 
     def same_as(self, other: Topology) -> bool:
         mine = (self.pipeline(), self.reason, self.expert_addresses, self.expert_alive, self.recovering)
-        return mine == (other.pipeline(), other.reason, other.expert_addresses, other.expert_alive, other.recovering)
+        theirs = (other.pipeline(), other.reason, other.expert_addresses, other.expert_alive, other.recovering)
+        return mine == theirs and self.restoring == other.restoring
 
 
 class Roster:
@@ -111,9 +137,11 @@ class Roster:
         heartbeat_timeout: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] = lambda: None,
+        grace: float | None = None,
     ) -> None:
         self.config, self.plan, self.spec = config, plan, spec
         self.heartbeat_timeout = heartbeat_timeout
+        self.grace = heartbeat_timeout if grace is None else grace  # the restoring window (module docstring)
         self.clock = clock
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
@@ -122,7 +150,14 @@ class Roster:
         self.lost: dict[tuple, str] = {}  # role -> who held it when it died, until a worker takes it
         self.taking_over: set[tuple] = set()  # lost roles a spare holds but has not loaded yet
         self.dead: set[str] = set()  # ids of workers declared dead: never given a role again
+        self.left: dict[str, str] = {}  # drained worker id -> why: its next heartbeat tells it to leave
         self.events: list[Event] = []
+        self.started = clock()
+        self.restoring = True
+        self.rejoins = 0
+        self._epoch_floor = 0  # the highest pipeline epoch a rejoining worker reported
+        self._resumable = True  # no membership change yet but rejoins: the old pipeline epoch may be kept
+        self._boot = secrets.token_hex(2)  # worker ids differ from a previous coordinator's
         self._ids = itertools.count()
         self._spare_ids = itertools.count()
         self.topology = Topology(0, False, "waiting for workers", (), 0)
@@ -148,20 +183,62 @@ class Roster:
         role = self._choose_role(kind, stage, tp_rank, expert_index)
         if self._holder(role) is not None:
             raise NoFreeRole(f"role {_describe_role(role)} is held by {self._holder(role).address}")
+        named = stage is not None or tp_rank is not None or expert_index is not None
+        if self.restoring and not named:
+            raise NoFreeRole(f"the coordinator started {self.clock() - self.started:.1f}s ago: {self._restoring()}")
         took_over = self.lost.pop(role, None)
         if took_over:
             self.taking_over.add(role)
-        worker = Worker(
-            f"w{next(self._ids)}", kind, address, device, hostname, memory_bytes, last_heartbeat=self.clock()
-        )
-        if kind == STAGE:
-            worker.stage, worker.tp_rank = role[1], role[2]
-        else:
-            worker.expert_index = role[1]
-        self.workers[worker.worker_id] = worker
+        worker = self._add(role, address, device, hostname, memory_bytes)
+        self._resumable = False
         self._refresh()
         cause = f", taking over from {took_over}" if took_over else ""
         self.log("takeover" if took_over else "registered", f"{address} is {_describe_role(role)}{cause}")
+        return worker
+
+    def rejoin(
+        self, kind: str, address: str, device: str, hostname: str, memory_bytes: int, role: tuple, held: HeldRole
+    ) -> Worker:
+        """A worker the coordinator does not know (it restarted) asks for the role it holds back, with the
+        state it holds. Refused while another process holds that role: two processes never hold one."""
+        if kind == STAGE:
+            role = self._choose_role(kind, role[1], role[2], None)  # validated against the plan
+        else:
+            role = self._choose_role(kind, None, None, role[1])
+        holder = self._holder(role)
+        if holder is not None and holder.address != address:  # the same address: its earlier rejoin
+            raise FailedPrecondition(
+                f"role {_describe_role(role)} is held by {holder.address}: restart this worker to wait as a spare"
+            )
+        if holder is not None:
+            del self.workers[holder.worker_id]
+        self.lost.pop(role, None)
+        worker = self._add(role, address, device, hostname, memory_bytes)
+        worker.state = "ready" if held.state == "ready" else "registered"
+        worker.param_bytes, worker.kv_blocks = held.param_bytes, held.kv_blocks
+        worker.kv_bytes_per_block = held.kv_bytes_per_block
+        worker.rejoined_epoch = held.pipeline_epoch
+        if kind == STAGE and worker.stage in self.groups:  # the group goes on at the epoch it is formed in
+            group = self.groups[worker.stage]
+            group.epoch, worker.group_epoch = max(group.epoch, held.group_epoch), held.group_epoch
+        self.rejoins += 1
+        self._epoch_floor = max(self._epoch_floor, held.pipeline_epoch)
+        self._refresh()
+        self.log(
+            "rejoined",
+            f"{address} is {_describe_role(role)} again ({worker.state}; it was {held.worker_id or '?'} "
+            f"at pipeline epoch {held.pipeline_epoch} under the previous coordinator)",
+        )
+        return worker
+
+    def _add(self, role: tuple, address: str, device: str, hostname: str, memory_bytes: int) -> Worker:
+        worker_id = f"w{next(self._ids)}-{self._boot}"
+        worker = Worker(worker_id, role[0], address, device, hostname, memory_bytes, last_heartbeat=self.clock())
+        if role[0] == STAGE:
+            worker.stage, worker.tp_rank = role[1], role[2]
+        else:
+            worker.expert_index = role[1]
+        self.workers[worker_id] = worker
         return worker
 
     def add_spare(self, kind: str, address: str, device: str, hostname: str) -> int:
@@ -261,42 +338,96 @@ class Roster:
         self._refresh()
         self.log("ready", f"{self.describe(worker)} at {worker.address}")
 
-    def heartbeat(self, worker_id: str, stats: dict) -> tuple[int, int]:
-        """Returns (the pipeline epoch, the worker's stage's group epoch; 0 without a group)."""
+    def heartbeat(self, worker_id: str, stats: dict) -> tuple[int, int, str]:
+        """(the pipeline epoch, the worker's stage's TP group epoch or 0, why it must leave: "" unless drained)."""
+        if worker_id in self.left:
+            return self.topology.pipeline_epoch, 0, self.left[worker_id]
         worker = self.get(worker_id)
         worker.last_heartbeat = self.clock()
         worker.stats = stats
         group = self.groups.get(worker.stage) if worker.kind == STAGE else None
-        return self.topology.pipeline_epoch, group.epoch if group else 0
+        return self.topology.pipeline_epoch, group.epoch if group else 0, ""
 
     def sweep(self) -> None:
-        """Declares workers silent for longer than the heartbeat timeout dead: each loses its role."""
+        """Declares workers silent for longer than the heartbeat timeout dead: each loses its role. Closes
+        the restoring window when it is over."""
         now = self.clock()
         silent = [w for w in self.workers.values() if now - w.last_heartbeat > self.heartbeat_timeout]
         for w in silent:
             self.remove(w, f"no heartbeat for {now - w.last_heartbeat:.1f}s")
+        if self.restoring and now - self.started >= self.grace:
+            self._end_restoring()
 
-    def remove(self, worker: Worker, cause: str) -> None:
+    def _end_restoring(self) -> None:
+        """After a restart (some worker rejoined), the roles nobody took back are lost: spares take them."""
+        self.restoring = False
+        if self.rejoins:
+            for role in self.roles():
+                if self._holder(role) is None and role not in self.lost:
+                    self.lost[role] = "its holder under the previous coordinator"
+                    self.log("dead", f"{_describe_role(role)}: not re-registered {self.grace:.1f}s after the restart")
+                    self._resumable = False
+        self._refresh()
+
+    def remove(self, worker: Worker, cause: str, kind: str = "dead") -> None:
         """The worker's role becomes free (a spare takes it); the process is never given a role again."""
         del self.workers[worker.worker_id]
         self.taking_over.discard(worker.role)
         self.dead.add(worker.worker_id)
         self.lost[worker.role] = worker.address
+        self._resumable = False
         self._refresh()
-        self.log("dead", f"{_describe_role(worker.role)} at {worker.address}: {cause}")
+        self.log(kind, f"{_describe_role(worker.role)} at {worker.address}: {cause}")
         if worker.kind == STAGE and worker.stage in self.groups:
             self._new_group_epoch(worker.stage, f"{_describe_role(worker.role)} is lost")
+
+    def drain(self, target: str) -> Worker:
+        """Takes a worker's role away on purpose: a waiting spare of its kind takes it, the worker is told
+        to leave through its heartbeat reply. Refused when no spare of that kind waits."""
+        worker = self.find(target)
+        role = _describe_role(worker.role)
+        if not any(s.kind == worker.kind for s in self.spares.values()):
+            raise FailedPrecondition(
+                f"no {worker.kind} spare waits to take {role}: start a {worker.kind} worker without a role "
+                "(it waits as a spare, `coordctl status` lists it) and drain again"
+            )
+        self.left[worker.worker_id] = f"drained: {role} moves to a spare"
+        self.remove(worker, "drained, a spare takes its role", kind="drained")
+        return worker
+
+    def find(self, target: str) -> Worker:
+        """A worker by id, address or role ("stage 1 rank 0", "expert worker 0")."""
+        wanted = " ".join(target.lower().split())
+        for w in self.workers.values():
+            if wanted in (w.worker_id, w.address.lower(), _describe_role(w.role)):
+                return w
+        held = ", ".join(f"{_describe_role(w.role)} ({w.worker_id} at {w.address})" for w in self.workers.values())
+        raise NotFound(f"no worker {target!r}: name one by id, address or role; the roster holds {held or 'none'}")
 
     # ---- topology ----
 
     def _refresh(self) -> None:
+        if self.restoring and all(self._holder(r) is not None for r in self.roles()):
+            self.restoring = False  # every role is held: nothing left to keep for rejoining workers
         candidate = self._derive_topology()
         if not candidate.same_as(self.topology):
             old = self.topology
-            epoch = old.epoch + 1
-            pipeline_epoch = epoch if candidate.pipeline() != old.pipeline() else old.pipeline_epoch
+            epoch = max(old.epoch, self._epoch_floor) + 1
+            pipeline_epoch = old.pipeline_epoch
+            if candidate.pipeline() != old.pipeline():
+                pipeline_epoch = self._resumed_epoch(candidate) or epoch
             self.topology = replace(candidate, epoch=epoch, pipeline_epoch=pipeline_epoch)
+            self._resumable = self._resumable and not candidate.ready  # only the first ready pipeline may resume
             self.on_change()
+
+    def _resumed_epoch(self, candidate: Topology) -> int | None:
+        """After a restart: when every stage came back ready at one pipeline epoch with nothing changed
+        since, the pipeline is the one of that epoch (same leaders, same KV): it keeps its number."""
+        if not (candidate.ready and self._resumable and self.rejoins):
+            return None
+        stages = [w for w in self.workers.values() if w.kind == STAGE]
+        epochs = {w.rejoined_epoch for w in stages}
+        return epochs.pop() if len(epochs) == 1 and None not in epochs else None
 
     def _derive_topology(self) -> Topology:
         holders = {role: self._holder(role) for role in self.roles()}
@@ -333,6 +464,9 @@ class Roster:
             recovering, reason = True, f"{stages} re-forming the tensor-parallel group"
         if uncovered and not waiting and not ready:
             reason += f" (experts {','.join(map(str, uncovered))} have no live worker)"
+        restoring = self.restoring and not ready
+        if restoring:
+            reason = self._restoring()
         stages = [w for r, w in holders.items() if r[0] == STAGE and w is not None and w.state == "ready"]
         return Topology(
             epoch=0,  # set by _refresh
@@ -342,13 +476,21 @@ class Roster:
             kv_blocks=min(w.kv_blocks for w in stages) if ready else 0,
             expert_addresses=tuple(w.address if w else "" for w in experts),
             expert_alive=alive,
-            recovering=recovering,
+            recovering=recovering and not restoring,
+            restoring=restoring,
             plan=self.mesh_plan,
         )
 
     def _formed(self, worker: Worker) -> bool:
         group = self.groups.get(worker.stage)
         return group is None or worker.group_epoch == group.epoch
+
+    def _restoring(self) -> str:
+        held = sum(self._holder(r) is not None for r in self.roles())
+        return (
+            f"restoring the roster: roles go to re-registering workers first for {self.grace:.1f}s "
+            f"({held} of {len(self.roles())} roles held)"
+        )
 
     @property
     def mesh_plan(self) -> MeshPlan:

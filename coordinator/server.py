@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from stagemesh.coordinator.roster import STAGE, NoFreeRole, Roster, Spare, Worker
+from stagemesh.coordinator.roster import EXPERT, STAGE, HeldRole, NoFreeRole, Roster, Spare, Worker
 from stagemesh.coordinator.wire import plan_message, topology_message
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import LayoutOptions, ServingSpec
@@ -47,9 +47,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @maps_errors
     async def Register(self, request: pb.RegisterRequest, context) -> pb.Assignment:
         """Assigns a role; with every role of its kind held, the caller waits here as a spare (for as long
-        as its call stays open) until a role is lost."""
-        worker = await self._register_or_wait(request)
-        log.info("registered %s as %s", worker.address, self.roster.describe(worker))
+        as its call stays open) until a role is lost. A rejoin gets its role back at once, or is refused."""
+        if request.HasField("rejoin"):
+            worker = self._rejoin(request)
+            log.info("%s rejoined as %s", worker.address, self.roster.describe(worker))
+        else:
+            worker = await self._register_or_wait(request)
+            log.info("registered %s as %s", worker.address, self.roster.describe(worker))
         return pb.Assignment(
             worker_id=worker.worker_id,
             kind=worker.kind,
@@ -83,6 +87,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         finally:
             if spare is not None:
                 self.roster.remove_spare(spare)
+
+    def _rejoin(self, r: pb.RegisterRequest) -> Worker:
+        j = r.rejoin
+        held = HeldRole(
+            j.state, j.param_bytes, j.kv_blocks, j.kv_bytes_per_block, j.group_epoch, j.pipeline_epoch, j.worker_id
+        )
+        role = (STAGE, r.stage, r.tp_rank) if r.kind == STAGE else (EXPERT, r.expert_index)
+        return self.roster.rejoin(r.kind, r.address, r.device, r.hostname, r.memory_bytes, role, held)
 
     @maps_errors
     async def JoinGroup(self, request: pb.JoinGroupRequest, context) -> pb.GroupAssignment:
@@ -120,8 +132,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             "expert_load": list(s.expert_load),
             "compile": s.compile if s.HasField("compile") else None,
         }
-        epoch, group_epoch = self.roster.heartbeat(request.worker_id, stats)
-        return pb.HeartbeatReply(epoch=epoch, group_epoch=group_epoch)
+        epoch, group_epoch, leave = self.roster.heartbeat(request.worker_id, stats)
+        return pb.HeartbeatReply(epoch=epoch, group_epoch=group_epoch, leave=leave)
 
     @maps_errors
     async def ReportGateway(self, request: pb.GatewayReport, context) -> pb.Empty:
@@ -142,6 +154,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.EventList(
             events=[pb.Event(time=e.time, epoch=e.epoch, kind=e.kind, detail=e.detail) for e in self.roster.events]
         )
+
+    @maps_errors
+    async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainReply:
+        worker = self.roster.drain(request.worker)
+        log.info("drained %s at %s", self.roster.describe(worker), worker.address)
+        return pb.DrainReply(worker_id=worker.worker_id, role=self.roster.describe(worker), address=worker.address)
 
     @maps_errors
     async def Status(self, request: pb.StatusRequest, context) -> pb.ClusterStatus:

@@ -58,6 +58,7 @@ def status_dict(status: pb.ClusterStatus) -> dict:
     return {
         "serving": serving,
         "epoch": t.epoch,
+        "pipeline_epoch": t.pipeline_epoch,
         "ready": t.ready,
         "reason": t.reason,
         "plan": plan,
@@ -70,6 +71,7 @@ def status_dict(status: pb.ClusterStatus) -> dict:
             for x in status.spares
         ],
         "recovering": t.recovering,
+        "restoring": t.restoring,
         "gateway": gateway,
     }
 

@@ -51,6 +51,7 @@ def topology_message(t: Topology) -> pb.Topology:
         pipeline_epoch=t.pipeline_epoch,
         expert_alive=t.expert_alive,
         recovering=t.recovering,
+        restoring=t.restoring,
     )
 
 
@@ -66,4 +67,5 @@ def topology_from_message(msg: pb.Topology) -> Topology:
         pipeline_epoch=msg.pipeline_epoch,
         plan=plan_from_message(msg.plan),
         recovering=msg.recovering,
+        restoring=msg.restoring,
     )

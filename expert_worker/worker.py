@@ -1,5 +1,6 @@
 """An expert worker process: register with the coordinator, load only its experts of every MoE layer,
-serve `Experts.Compute`, and report tokens per expert per layer in its heartbeats."""
+serve `Experts.Compute`, and report tokens per expert per layer in its heartbeats (which also rejoin a
+restarted coordinator, and end the process when it is drained: coordinator.client.Membership)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import logging
 
 import torch
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import CoordinatorClient, Membership
 from stagemesh.expert_worker.engine import ExpertEngine
 from stagemesh.expert_worker.server import SERVICE, ExpertsServicer
 from stagemesh.models.config import ModelConfig
@@ -32,6 +33,17 @@ def expert_stats(engine: ExpertEngine | None) -> cpb.WorkerStats:
     return cpb.WorkerStats(steps=engine.calls, busy_seconds=engine.busy_seconds, expert_load=load)
 
 
+def _param_bytes(engine: ExpertEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.layers.parameters())
+
+
+def _held(engine: ExpertEngine | None) -> cpb.Rejoin:
+    """What this worker holds, for a coordinator that restarted (Membership rejoins with it)."""
+    if engine is None:
+        return cpb.Rejoin(state="registered")
+    return cpb.Rejoin(state="ready", param_bytes=_param_bytes(engine))
+
+
 async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     device = torch.device(opts.device)
     if opts.threads:
@@ -51,12 +63,13 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     )
     if opts.expert_worker_index is not None:
         request.expert_index = opts.expert_worker_index
-    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
+    assignment = await client.register(request, timeout=None, patience=opts.connect_timeout)  # spares wait here
     plan, spec = assignment.plan, assignment.plan.spec
     expert_ids = list(plan.parallel.expert_groups[assignment.expert_index])
     log.info("assigned expert worker %d: experts %s", assignment.expert_index, expert_ids)
     stats = lambda: expert_stats(servicer.engine)  # noqa: E731
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, stats))
+    membership = Membership(client, request, assignment, lambda: _held(servicer.engine))
+    heartbeat = asyncio.ensure_future(membership.heartbeats(stats))
     if opts.metrics_port is not None:
         role = {"expert_worker": str(assignment.expert_index)}
         log.info("metrics on port %d", serve_metrics(worker_registry(stats, role), opts.host, opts.metrics_port))
@@ -68,7 +81,6 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
 
     engine = await asyncio.get_running_loop().run_in_executor(servicer.executor, load)
     servicer.engine = engine
-    param_bytes = sum(p.numel() * p.element_size() for p in engine.layers.parameters())
-    await client.call("ReportReady", cpb.ReadyRequest(worker_id=assignment.worker_id, param_bytes=param_bytes))
+    await client.call("ReportReady", cpb.ReadyRequest(worker_id=membership.worker_id, param_bytes=_param_bytes(engine)))
     await set_serving(health, [SERVICE], True)
     await run_service(f"expert-worker index={assignment.expert_index}", address, server, [heartbeat])

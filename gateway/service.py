@@ -1,7 +1,9 @@
 """The gateway process: follows the coordinator's topology, attaches the scheduler to stage 0 when the mesh
 is ready, serves the public API. When the pipeline breaks it holds its requests while the coordinator
 replaces the lost role with a spare, then replays them on the new pipeline (scheduler.suspend); when no
-spare can take over, the requests fail with UNAVAILABLE and the reason."""
+spare can take over, the requests fail with UNAVAILABLE and the reason. A coordinator that goes away is not a
+change of topology: the gateway serves on the last one it had, through the coordinator's restart (whose
+`restoring` topologies it ignores) until the restarted coordinator publishes a real one."""
 
 from __future__ import annotations
 
@@ -70,6 +72,10 @@ class Gateway:
 
     async def follow(self) -> None:
         async for topology in self.client.topologies():
+            if topology.restoring:  # a (re)started coordinator rebuilding its roster: keep the last topology
+                if self.topology is None:
+                    self.scheduler.not_ready = topology.reason
+                continue
             self.topology = topology
             if topology.ready and (self.link is None or self.link.epoch != topology.pipeline_epoch):
                 await self._attach(topology)

@@ -79,6 +79,11 @@ class CoordinatorStub:
                 request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.EventList.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/stagemesh.v1.Coordinator/Drain',
+                request_serializer=stagemesh_dot_proto_dot_coordinator__pb2.DrainRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.DrainReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -144,6 +149,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Moves a worker's role to a waiting spare of its kind (coordctl drain): the worker is told to leave
+        (HeartbeatReply.leave), the gateway replays the affected sequences as after a failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +204,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.FromString,
                     response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.EventList.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=stagemesh_dot_proto_dot_coordinator__pb2.DrainRequest.FromString,
+                    response_serializer=stagemesh_dot_proto_dot_coordinator__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +454,33 @@ class Coordinator:
             '/stagemesh.v1.Coordinator/Events',
             stagemesh_dot_proto_dot_coordinator__pb2.EventsRequest.SerializeToString,
             stagemesh_dot_proto_dot_coordinator__pb2.EventList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.Coordinator/Drain',
+            stagemesh_dot_proto_dot_coordinator__pb2.DrainRequest.SerializeToString,
+            stagemesh_dot_proto_dot_coordinator__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,

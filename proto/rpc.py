@@ -147,7 +147,10 @@ def create_server(
     gateway's API, which wants the client token; every other server wants the cluster token)."""
     check = security.server_token_check(security.current(), public)
     interceptors = [check, MalformedRequests()] if check else [MalformedRequests()]
-    server = grpc.aio.server(options=message_options(max_message_bytes), interceptors=interceptors)
+    # SO_REUSEPORT off (gRPC sets it on Linux): a second process asking for a port in use is refused instead
+    # of sharing it; SO_REUSEADDR (always set) still lets a restarted process bind its predecessor's port.
+    options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -188,14 +191,18 @@ def bind(server: grpc.aio.Server, host: str, port: int, public: bool = False) ->
 
 
 def aio_channel(
-    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, public: bool = False, token: str | None = None
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    public: bool = False,
+    token: str | None = None,
+    options: tuple[tuple[str, int], ...] = (),
 ):
     """An asyncio channel with TLS and the cluster token (or, public, the client token) when configured;
-    `token` overrides the configured one."""
+    `token` overrides the configured one; `options` are more gRPC channel arguments."""
     sec = security.current()
     token = token or (sec.client_token if public else sec.cluster_token)
     interceptors = security.aio_token_interceptors(token) if token else None
-    options = message_options(max_message_bytes)
+    options = message_options(max_message_bytes) + list(options)
     if sec.tls:
         return grpc.aio.secure_channel(address, security.channel_credentials(sec), options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options, interceptors=interceptors)

@@ -1,5 +1,6 @@
 """A stage worker process: register with the coordinator, join the stage's TP group, load the shard,
-serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped.
+serve `Forward` (TP rank 0) or follow the leader's broadcasts (other ranks), heartbeat until stopped (or
+drained); a restarted coordinator gets the role back from the heartbeats (coordinator.client.Membership).
 A TP group that fails (a rank died) is re-formed in place: steps are refused meanwhile, weights stay."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import CoordinatorClient, Membership
 from stagemesh.errors import CollectiveError, ResourceExhausted, StagemeshError, Unavailable
 from stagemesh.models.compiled import CompiledDecode, CompileOptions
 from stagemesh.models.dtypes import serving_dtype
@@ -25,7 +26,7 @@ from stagemesh.proto.rpc import advertised_host, bind, create_server, enable_ref
 from stagemesh.stage_worker.engine import StageEngine, StepWork
 from stagemesh.stage_worker.expert_router import ExpertDirectory, ExpertPool, RemoteExperts
 from stagemesh.stage_worker.faults import oom_fault
-from stagemesh.stage_worker.membership import GroupMembership
+from stagemesh.stage_worker.group_formation import GroupFormation
 from stagemesh.stage_worker.server import SERVICE, StageServicer, peer_work
 from stagemesh.stage_worker.tp_group import SHUTDOWN, TPGroup, exit_process
 from stagemesh.telemetry import serve_metrics, worker_registry
@@ -109,7 +110,7 @@ class StageRuntime:
             self.group.abort()
             self.regroup.set()
 
-    async def keep_group(self, membership: GroupMembership, report_ready) -> None:
+    async def keep_group(self, formation: GroupFormation, report_ready) -> None:
         """Runs for the worker's life: a peer rank follows the leader's steps; whenever the group fails,
         it is re-formed under the coordinator's next group epoch, and the stage serves again."""
         loop = asyncio.get_running_loop()
@@ -127,7 +128,7 @@ class StageRuntime:
             log.warning("%s; re-forming the group (epoch %d failed)", self.broken, failed)
             await loop.run_in_executor(self.executor, lambda: None)  # the compute thread is idle, and
             self.regroup.clear()  # a step that was in flight has already reported its failure
-            await membership.form(self.executor, failed)
+            await formation.form(self.executor, failed)
             if self.engine.runner.compiled is not None:  # the same warm-up steps as a spare's (collectives)
                 await loop.run_in_executor(self.executor, self.engine.runner.compiled.warm_up)
             self.broken = None
@@ -177,25 +178,26 @@ async def run_stage_worker(opts: StageWorkerOptions) -> None:
     await server.start()
     await set_serving(health, [SERVICE], False)
 
-    client, assignment = await _register(opts, address, device)
+    client, request, assignment = await _register(opts, address, device)
     runtime.stage = assignment.stage
-    heartbeat = asyncio.ensure_future(client.heartbeats(assignment.worker_id, runtime.stats, runtime.on_heartbeat))
+    membership = Membership(client, request, assignment, lambda: _held(runtime))
+    heartbeat = asyncio.ensure_future(_heartbeat_until_drained(membership, runtime))
     if opts.metrics_port is not None:
         role = {"stage": str(assignment.stage), "tp_rank": str(assignment.tp_rank)}
         port = serve_metrics(worker_registry(runtime.stats, role), opts.host, opts.metrics_port)
         log.info("metrics on http://%s:%d/metrics", opts.host, port)
-    membership = None
+    formation = None
     if assignment.plan.parallel.tp > 1:
         runtime.group = TPGroup(assignment.tp_rank, assignment.plan.parallel.tp, device, opts.group_timeout)
-        membership = GroupMembership(client, assignment.worker_id, runtime.group, opts.host, advertise, opts.dist_port)
-        await membership.form(runtime.executor)
+        formation = GroupFormation(membership, runtime.group, opts.host, advertise, opts.dist_port)
+        await formation.form(runtime.executor)
     runtime.engine = await loop.run_in_executor(runtime.executor, _load_shard, opts, assignment, runtime, device)
-    await _report_ready(client, assignment, runtime)
+    await _report_ready(client, membership, runtime)
     runtime.group_serving = True
     await set_serving(health, [SERVICE], True)
     background = [heartbeat, _watch(client, runtime)]
-    if membership is not None:
-        background.append(runtime.keep_group(membership, lambda: _report_ready(client, assignment, runtime)))
+    if formation is not None:
+        background.append(runtime.keep_group(formation, lambda: _report_ready(client, membership, runtime)))
     code = 0
     try:
         await run_service(
@@ -216,9 +218,9 @@ async def _register(opts: StageWorkerOptions, address: str, device: torch.device
     request = cpb.RegisterRequest(kind="stage", address=address, device=str(device), memory_bytes=device_memory(device))
     if opts.stage is not None or opts.tp_rank is not None:
         request.stage, request.tp_rank = opts.stage or 0, opts.tp_rank or 0
-    assignment = await client.register(request, timeout=None)  # a spare waits here for a role
+    assignment = await client.register(request, timeout=None, patience=opts.connect_timeout)  # spares wait here
     log.info("assigned stage %d rank %d of %s", assignment.stage, assignment.tp_rank, assignment.plan.spec.model_dir)
-    return client, assignment
+    return client, request, assignment
 
 
 def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, device: torch.device) -> StageEngine:
@@ -251,18 +253,38 @@ def _compile_info(compiled: CompiledDecode) -> cpb.CompileInfo:
     )
 
 
-async def _report_ready(client: CoordinatorClient, assignment, runtime: StageRuntime) -> None:
+def _holdings(runtime: StageRuntime) -> dict:
     model = runtime.engine.runner.model
-    await client.call(
-        "ReportReady",
-        cpb.ReadyRequest(
-            worker_id=assignment.worker_id,
-            kv_blocks=runtime.num_blocks,
-            param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-            kv_bytes_per_block=model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
-            group_epoch=runtime.group.epoch if runtime.group else 0,
-        ),
-    )
+    return {
+        "kv_blocks": runtime.num_blocks,
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "kv_bytes_per_block": model.kv_bytes_per_block(runtime.block_size, runtime.dtype),
+    }
+
+
+async def _report_ready(client: CoordinatorClient, membership: Membership, runtime: StageRuntime) -> None:
+    group_epoch = runtime.group.epoch if runtime.group else 0
+    request = cpb.ReadyRequest(worker_id=membership.worker_id, group_epoch=group_epoch, **_holdings(runtime))
+    await client.call("ReportReady", request)
+
+
+def _held(runtime: StageRuntime) -> cpb.Rejoin:
+    """What this worker holds, for a coordinator that restarted (Membership rejoins with it)."""
+    held = cpb.Rejoin(state="ready" if runtime.ready else "registered", pipeline_epoch=runtime.epoch)
+    held.group_epoch = max(runtime.group.epoch, 0) if runtime.group else 0
+    if runtime.ready:
+        held.MergeFrom(cpb.Rejoin(**_holdings(runtime)))
+    return held
+
+
+async def _heartbeat_until_drained(membership: Membership, runtime: StageRuntime) -> None:
+    """Heartbeats until the coordinator drains this worker; then waits (10 s at most) for the pipeline
+    streams through it to close (the gateway moves to the spare's pipeline) and returns: the worker stops."""
+    await membership.heartbeats(runtime.stats, runtime.on_heartbeat)
+    for _ in range(100):
+        if not runtime.links:
+            return
+        await asyncio.sleep(0.1)
 
 
 def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
@@ -275,6 +297,8 @@ def _remote_experts(plan: ParallelPlan, runtime: StageRuntime, tp: TPRank):
 
 async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
     async for topology in client.topologies():
+        if topology.restoring:  # a restarted coordinator rebuilding its roster: the last topology holds
+            continue
         runtime.on_epoch(topology.pipeline_epoch)
         runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:

@@ -231,3 +231,136 @@ def test_a_killed_expert_worker_without_replica_is_replaced_by_an_expert_spare(c
         _assert_exact(_kill_mid_stream(mesh, "expert worker 0", requests), expected)
     finally:
         mesh.stop()
+
+
+def _service_process(mesh: MeshProcess, command: str):
+    """The live child of `mesh` that runs `stagemesh <command>` ("coordinator", "gateway")."""
+    import psutil
+
+    found = []
+    for child in mesh.children:
+        try:
+            if child.cmdline()[3:4] == [command]:
+                found.append(child)
+        except psutil.NoSuchProcess:  # one this test killed
+            pass
+    (proc,) = found
+    return proc
+
+
+def _on_its_port(argv: list[str], address: str) -> list[str]:
+    """The coordinator's command line, asking for the port it got (`stagemesh up` starts it on port 0)."""
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = address.rsplit(":", 1)[1]
+    return argv
+
+
+def _wait_whole(coordinator: str, roles: list[str], spares: int, timeout: float) -> dict:
+    """Until `coordctl status` shows the mesh serving with every role ready and `spares` spares."""
+    deadline = time.monotonic() + timeout
+    status = {}
+    while time.monotonic() < deadline:
+        try:
+            status = _coordctl("status", "--coordinator", coordinator, "--json")
+        except AssertionError:  # not answering yet (exit code 2)
+            time.sleep(0.1)
+            continue
+        held = sorted(w["role"] for w in status["workers"] if w["state"] == "ready")
+        if status["serving"] and held == roles and len(status["spares"]) == spares:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"the mesh was not whole {timeout:.0f}s after the restart: {status}")
+
+
+def test_a_restarted_coordinator_gets_its_roster_back_and_a_drain_moves_a_role_without_failed_requests(
+    checkpoint, tmp_path
+):
+    """The coordinator is killed (-9) mid-stream and started again on its port with its command line: the
+    16 streams finish token-exact on the intact data path, the workers and the spare re-register, the
+    pipeline keeps its epoch, `coordctl status` is whole within 10 s. Then `coordctl drain` moves stage 1
+    to the (re-registered) spare under load: no request fails, every stream is token-exact (replay), the
+    drained worker exits cleanly. Last, a gateway killed and restarted re-attaches; nothing else restarts."""
+    import subprocess
+
+    from click.testing import CliRunner
+    from stagemesh.coordinator.cli import main as coordctl
+    from support import child_env
+
+    mesh = MeshProcess(checkpoint("llama"), "--pp", "2", "--spares", "1", *ARGS)
+    restarted = []  # the processes this test starts again, stopped at the end
+    try:
+        _wait_spares(mesh, 1)
+        requests = _greedy(16)
+        expected = _reference(mesh.gateway, requests)
+        before = _coordctl("status", "--coordinator", mesh.coordinator, "--json")
+        roles = sorted(w["role"] for w in before["workers"])
+        old = _service_process(mesh, "coordinator")
+        argv = _on_its_port(old.cmdline(), mesh.coordinator)
+        streams = Streams(mesh.gateway, requests)
+        streams.wait_all_started()
+        old.kill()
+        assert not any(streams.finished) and not any(streams.errors), "a stream ended before the kill"
+        old.wait(10)
+        with open(tmp_path / "coordinator.log", "w") as log:
+            restarted.append(subprocess.Popen(argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=log))
+        after = _wait_whole(mesh.coordinator, roles, spares=1, timeout=10)
+        streams.join()
+        _assert_exact(streams, expected)
+        assert after["epoch"] > before["epoch"] and after["pipeline_epoch"] == before["pipeline_epoch"]
+        assert [w["address"] for w in after["workers"]] == [w["address"] for w in before["workers"]]
+        events = _coordctl("events", "--coordinator", mesh.coordinator, "--json")
+        assert sorted(e["detail"].split(" again")[0].split(" is ")[1] for e in events if e["kind"] == "rejoined") == [
+            "stage 0 rank 0",
+            "stage 1 rank 0",
+        ]
+        assert not [e for e in events if e["kind"] in ("dead", "takeover")]
+
+        drained = _worker_process(mesh, "stage 1 rank 0")
+        streams = Streams(mesh.gateway, requests)
+        streams.wait_all_started()
+        reply = _coordctl("drain", "stage 1 rank 0", "--coordinator", mesh.coordinator, "--json")
+        assert reply["role"].startswith("stage 1 rank 0")
+        assert not any(streams.finished) and not any(streams.errors), "a stream ended before the drain"
+        streams.join()
+        _assert_exact(streams, expected)
+        kinds = [e["kind"] for e in _coordctl("events", "--coordinator", mesh.coordinator, "--json")]
+        assert kinds[kinds.index("drained") :].count("takeover") == 1
+        deadline = time.monotonic() + 20
+        while not any(f"(pid {drained.pid}) exited with code 0" in line for line in mesh.stderr_lines):
+            assert time.monotonic() < deadline, "the drained worker did not exit cleanly"
+            time.sleep(0.2)
+        refused = CliRunner().invoke(coordctl, ["drain", "stage 0 rank 0", "--coordinator", mesh.coordinator])
+        assert refused.exit_code == 2 and "no stage spare waits to take stage 0 rank 0" in refused.output
+        restarted.append(_restart_gateway(mesh, requests[:4], tmp_path))
+        assert _reference(mesh.gateway, requests[:4]) == expected[:4]
+        events = _coordctl("events", "--coordinator", mesh.coordinator, "--json")
+        assert [e["kind"] for e in events].count("dead") == 0  # nothing else restarted
+    finally:
+        mesh.stop()
+        for proc in restarted:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _restart_gateway(mesh: MeshProcess, requests: list[GenerationParams], tmp_path):
+    """kill -9 of the gateway mid-stream (its streams end UNAVAILABLE: clients retry) and a restart on its port
+    with its command line: it re-attaches to the running mesh. Returns the new gateway process."""
+    import subprocess
+
+    from stagemesh.proto.rpc import check_health
+    from support import child_env
+
+    old = _service_process(mesh, "gateway")
+    argv = _on_its_port(old.cmdline(), mesh.gateway)
+    streams = Streams(mesh.gateway, requests)
+    streams.wait_all_started()
+    old.kill()
+    streams.join()
+    assert all(e is not None and e.code == grpc.StatusCode.UNAVAILABLE for e in streams.errors), streams.errors
+    with open(tmp_path / "gateway.log", "w") as log:
+        gateway = subprocess.Popen(argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 30
+    while not check_health(mesh.gateway, timeout=1.0):
+        assert time.monotonic() < deadline and gateway.poll() is None, (tmp_path / "gateway.log").read_text()[-2000:]
+        time.sleep(0.2)
+    return gateway

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from concurrent.futures import Executor
 
-from stagemesh.coordinator.client import CoordinatorClient
+from stagemesh.coordinator.client import Membership
 from stagemesh.errors import CollectiveError, FailedPrecondition
 from stagemesh.proto import coordinator_pb2 as cpb
 from stagemesh.stage_worker.tp_group import TPGroup
@@ -21,11 +21,9 @@ from stagemesh.stage_worker.tp_group import TPGroup
 log = logging.getLogger("stagemesh.stage")
 
 
-class GroupMembership:
-    def __init__(
-        self, client: CoordinatorClient, worker_id: str, group: TPGroup, host: str, advertise: str, store_port: int
-    ) -> None:
-        self.client, self.worker_id, self.group = client, worker_id, group
+class GroupFormation:
+    def __init__(self, membership: Membership, group: TPGroup, host: str, advertise: str, store_port: int) -> None:
+        self.membership, self.group = membership, group  # membership.worker_id changes if the coordinator restarts
         self.host, self.advertise, self.store_port = host, advertise, store_port
 
     async def form(self, executor: Executor, failed_epoch: int = -1) -> None:
@@ -33,15 +31,16 @@ class GroupMembership:
         waits as long as the stage has a lost role and no spare has taken it."""
         loop = asyncio.get_running_loop()
         while True:
-            assignment = await self.client.join_group(self.worker_id, failed_epoch)
+            assignment = await self.membership.join_group(failed_epoch)
             epoch = assignment.group_epoch
             try:
                 if self.group.rank == 0:
                     port = await loop.run_in_executor(executor, self.group.host_store, self.host, self.store_port)
+                    address = f"{self.advertise}:{port}"
                     request = cpb.RendezvousRequest(
-                        worker_id=self.worker_id, address=f"{self.advertise}:{port}", group_epoch=epoch
+                        worker_id=self.membership.worker_id, address=address, group_epoch=epoch
                     )
-                    await self.client.call("SetRendezvous", request)
+                    await self.membership.client.call("SetRendezvous", request)
                 await loop.run_in_executor(executor, self.group.form, epoch, assignment.rendezvous)
                 log.info(
                     "tensor-parallel group formed at epoch %d (rank %d of %d)", epoch, self.group.rank, self.group.size
