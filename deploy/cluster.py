@@ -54,6 +54,12 @@ class Host:
     address: str  # where the other hosts reach this one; every service on it advertises this address
     devices: tuple[str, ...] = ("cpu",)  # one worker per entry: "cpu" or "cuda:N" (this host's GPU N)
     env: dict[str, str] = field(default_factory=dict)  # for this host's services only (e.g. its NIC's name)
+    spares: tuple[str, ...] = ()  # one spare stage worker per entry (a device, as above): it takes a lost role
+    expert_spares: tuple[str, ...] = ()  # the same for expert workers
+
+    @property
+    def all_devices(self) -> tuple[str, ...]:
+        return self.devices + self.spares + self.expert_spares
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,14 @@ class Cluster:
     def workers_needed(self) -> int:
         return self.parallel.tp * self.parallel.pp + self.parallel.ep
 
+    @property
+    def spares(self) -> int:
+        return sum(len(h.spares) for h in self.hosts)
+
+    @property
+    def expert_spares(self) -> int:
+        return sum(len(h.expert_spares) for h in self.hosts)
+
     def host(self, name: str | None) -> Host:
         """The named host; None = the first."""
         return next(h for h in self.hosts if name is None or h.name == name)
@@ -148,6 +162,8 @@ class Cluster:
             max_running=self.gateway.max_running,
             metrics_port=self.gateway.metrics_port,
             http_port=self.gateway.http_port,
+            spares=self.spares,
+            expert_spares=self.expert_spares,
         )
 
 
@@ -156,24 +172,26 @@ class Placement:
     """One worker's role and where it runs."""
 
     role: str  # STAGE or EXPERT
-    index: int  # the stage, or the expert worker's index
-    rank: int  # TP rank within the stage (0 for expert workers)
+    index: int  # the stage, or the expert worker's index; a spare's number among the spares of its kind
+    rank: int  # TP rank within the stage (0 for expert workers and spares)
     host: Host
     device: str
     port: int
+    spare: bool = False  # registers without a role: waits until one is lost, then takes it
 
 
 @dataclass(frozen=True)
 class Service:
     """One process of the mesh: a compose service, or a child of `stagemesh up --config`."""
 
-    name: str  # coordinator, gateway, stage-0-rank-1, expert-2
-    role: str  # COORDINATOR, GATEWAY, STAGE or EXPERT
+    name: str  # coordinator, gateway, stage-0-rank-1, expert-2, stage-spare-0, expert-spare-0
+    role: str  # COORDINATOR, GATEWAY, STAGE or EXPERT (a spare: the kind of worker it is)
     host: str  # the host's name in the description
     argv: tuple[str, ...]  # the `stagemesh` command line, without the program name
     env: tuple[tuple[str, str], ...]
     port: int  # its gRPC port (health checks dial the host's address and this port)
     gpu: int | None = None  # the GPU a container reserves (services(..., pinned=True)), else None
+    spare: bool = False  # a worker without a role: started once the mesh serves
 
 
 # ---- reading ----
@@ -251,7 +269,7 @@ def validate(cluster: Cluster, where: str = "cluster") -> None:
     _check_hosts(cluster, where)
     _check_parallel(cluster, where)
     _check_ports(cluster, where)
-    busy = {p.host.name for p in placements(cluster)} | {
+    busy = {p.host.name for p in placements(cluster) + spare_placements(cluster)} | {
         cluster.host(cluster.coordinator.host).name,
         cluster.host(cluster.gateway.host).name,
     }
@@ -272,12 +290,14 @@ def _check_hosts(cluster: Cluster, where: str) -> None:
             raise InvalidArgument(f"{where}: host name {h.name!r}: use lower-case letters, digits and '-'")
         if names.count(h.name) > 1:
             raise InvalidArgument(f"{where}: host {h.name!r} is listed twice")
-        bad = [d for d in h.devices if not _DEVICE.match(d)]
+        bad = [d for d in h.all_devices if not _DEVICE.match(d)]
         if bad:
             raise InvalidArgument(f"{where}: host {h.name!r}: device {bad[0]!r}: write cpu or cuda:N")
-        gpus = [d for d in h.devices if d != "cpu"]
+        gpus = [d for d in h.all_devices if d != "cpu"]
         if len(set(gpus)) < len(gpus):
-            raise InvalidArgument(f"{where}: host {h.name!r} lists a GPU twice (one worker per GPU)")
+            raise InvalidArgument(
+                f"{where}: host {h.name!r} lists a GPU twice in devices, spares and expert_spares (one worker per GPU)"
+            )
         for name in [*h.env, *cluster.env]:
             if not _ENV_NAME.match(name):
                 raise InvalidArgument(f"{where}: {name!r} is not an environment variable name")
@@ -297,6 +317,8 @@ def _check_parallel(cluster: Cluster, where: str) -> None:
         raise InvalidArgument(
             f"{where}: model.dtype {cluster.model.dtype!r}: choose one of {', '.join(SERVING_DTYPES)}"
         )
+    if cluster.expert_spares and not p.ep:
+        raise InvalidArgument(f"{where}: expert_spares: this mesh has no expert workers (parallel.ep is 0)")
     devices = sum(len(h.devices) for h in cluster.hosts)
     if devices < cluster.workers_needed:
         raise InvalidArgument(
@@ -311,8 +333,8 @@ def _check_ports(cluster: Cluster, where: str) -> None:
     ranges = {
         "coordinator.port": range(cluster.coordinator.port, cluster.coordinator.port + 1),
         "gateway.port": range(g.port, g.port + 1),
-        "workers.port": range(w.port, w.port + cluster.workers_needed),
-        "workers.dist_port": range(w.dist_port, w.dist_port + cluster.parallel.pp),
+        "workers.port": range(w.port, w.port + cluster.workers_needed + cluster.spares + cluster.expert_spares),
+        "workers.dist_port": range(w.dist_port, w.dist_port + cluster.parallel.pp + _spare_dist_ports(cluster)),
     }
     if g.metrics_port is not None:
         ranges["gateway.metrics_port"] = range(g.metrics_port, g.metrics_port + 1)
@@ -330,6 +352,11 @@ def _span(ports: range) -> str:
     return str(ports.start) if len(ports) == 1 else f"{ports.start}-{ports.stop - 1}"
 
 
+def _spare_dist_ports(cluster: Cluster) -> int:
+    """With tp > 1 each stage spare has a rendezvous port of its own (for when it takes a rank 0)."""
+    return cluster.spares if cluster.parallel.tp > 1 else 0
+
+
 # ---- services ----
 
 
@@ -344,9 +371,22 @@ def placements(cluster: Cluster) -> list[Placement]:
     ]
 
 
+def spare_placements(cluster: Cluster) -> list[Placement]:
+    """The hosts' spares in order: every stage spare, then every expert spare; their ports follow the
+    workers' (workers.port + tp*pp + ep + i)."""
+    stage = [(STAGE, host, device) for host in cluster.hosts for device in host.spares]
+    expert = [(EXPERT, host, device) for host in cluster.hosts for device in host.expert_spares]
+    first, out = cluster.workers.port + cluster.workers_needed, []
+    for i, (role, host, device) in enumerate(stage + expert):
+        index = i if role == STAGE else i - len(stage)
+        out.append(Placement(role, index, 0, host, device, first + i, spare=True))
+    return out
+
+
 def services(cluster: Cluster, pinned: bool = False) -> list[Service]:
-    """Every service in start order: coordinator, gateway, stage workers, expert workers. `pinned`: each GPU
-    worker runs where it sees only its own GPU (a container's device reservation), so it uses cuda:0."""
+    """Every service in start order: coordinator, gateway, stage workers, expert workers, spares (which are
+    started once the mesh serves). `pinned`: each GPU worker runs where it sees only its own GPU (a
+    container's device reservation), so it uses cuda:0."""
     layout, coordinator = cluster.layout(), cluster.coordinator_address
     chost, ghost = cluster.host(cluster.coordinator.host), cluster.host(cluster.gateway.host)
     tls = not pinned  # containers see the certificates at /certs: deploy.compose adds that environment itself
@@ -368,7 +408,8 @@ def services(cluster: Cluster, pinned: bool = False) -> list[Service]:
             cluster.gateway.port,
         ),
     ]
-    return out + [_worker(cluster, layout, p, pinned) for p in placements(cluster)]
+    workers = placements(cluster) + spare_placements(cluster)
+    return out + [_worker(cluster, layout, p, pinned) for p in workers]
 
 
 def host_services(cluster: Cluster, host: str, pinned: bool = False) -> list[Service]:
@@ -379,17 +420,20 @@ def _worker(cluster: Cluster, layout: MeshLayout, p: Placement, pinned: bool) ->
     gpu = int(p.device.split(":")[1]) if pinned and p.device != "cpu" else None
     device = "cuda:0" if gpu is not None else p.device
     coordinator, threads = cluster.coordinator_address, cluster.workers.threads
+    tp = cluster.parallel.tp
     if p.role == STAGE:
-        dist_port = cluster.workers.dist_port + p.index if p.rank == 0 and cluster.parallel.tp > 1 else None
+        store = p.index + (cluster.parallel.pp if p.spare else 0)  # a spare's, for when it takes a rank 0
+        dist_port = cluster.workers.dist_port + store if (p.rank == 0 or p.spare) and tp > 1 else None
         site = WorkerSite(device, cluster.bind, p.port, p.host.address, dist_port)
-        name = f"stage-{p.index}-rank-{p.rank}"
-        argv = stage_worker_command(layout, coordinator, p.index, p.rank, site, threads)
+        name = f"stage-spare-{p.index}" if p.spare else f"stage-{p.index}-rank-{p.rank}"
+        role = (None, None) if p.spare else (p.index, p.rank)
+        argv = stage_worker_command(layout, coordinator, *role, site, threads)
     else:
         site = WorkerSite(device, cluster.bind, p.port, p.host.address)
-        name, argv = f"expert-{p.index}", expert_worker_command(layout, coordinator, p.index, site, threads)
-    return Service(
-        name, p.role, p.host.name, tuple(argv), _env(cluster, p.host, None if pinned else "worker"), p.port, gpu
-    )
+        name = f"expert-spare-{p.index}" if p.spare else f"expert-{p.index}"
+        argv = expert_worker_command(layout, coordinator, None if p.spare else p.index, site, threads)
+    env = _env(cluster, p.host, None if pinned else "worker")
+    return Service(name, p.role, p.host.name, tuple(argv), env, p.port, gpu, p.spare)
 
 
 def _env(cluster: Cluster, host: Host, certificate: str | None) -> tuple[tuple[str, str], ...]:
@@ -423,6 +467,9 @@ def localize(cluster: Cluster, address: str = "127.0.0.1") -> Cluster:
     gpus = itertools.count()
     hosts = []
     for h in cluster.hosts:
-        devices = tuple(d if d == "cpu" or len(cluster.hosts) == 1 else f"cuda:{next(gpus)}" for d in h.devices)
-        hosts.append(replace(h, address=address, devices=devices))
+        local = [
+            tuple(d if d == "cpu" or len(cluster.hosts) == 1 else f"cuda:{next(gpus)}" for d in ds)
+            for ds in (h.devices, h.spares, h.expert_spares)
+        ]
+        hosts.append(replace(h, address=address, devices=local[0], spares=local[1], expert_spares=local[2]))
     return replace(cluster, hosts=tuple(hosts), bind=address)

@@ -14,6 +14,7 @@ from stagemesh.errors import InvalidArgument, StagemeshError
 MOUNT = "/models"  # where every container sees the host's MODELS_DIR (the image's VOLUME)
 CERTS = "/certs"  # where every container sees the description's security.tls_dir (CERTS_DIR)
 TOKENS = ("STAGEMESH_CLUSTER_TOKEN", "STAGEMESH_CLIENT_TOKEN")
+SPARES = "spares"  # the compose profile of the spare workers
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Z][A-Z0-9_]*)\}")
 
 # Flags whose value is the same setting in every service that has them.
@@ -203,6 +204,8 @@ def compose_service(cluster: Cluster, s: Service, command: list[str]) -> dict:
     }
     if s.role != COORDINATOR and s.host == cluster.host(cluster.coordinator.host).name:
         body["depends_on"] = {COORDINATOR: {"condition": "service_healthy"}}
+    if s.spare:  # started with --profile spares once the mesh serves, or it may take a role first
+        body["profiles"] = [SPARES]
     if s.gpu is not None:
         body["ipc"] = "host"  # NCCL's shared-memory transport between the containers of one host
         body["deploy"] = {"resources": {"reservations": {"devices": [_gpu_reservation(s)]}}}

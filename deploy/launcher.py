@@ -155,7 +155,8 @@ class LocalMesh:
 
 class ServiceMesh(LocalMesh):
     """`stagemesh up --config`: the services of a cluster description (deploy.cluster.Service), run here in
-    their order (coordinator, gateway, workers) with their own argv and environment."""
+    their order (coordinator, gateway, workers) with their own argv and environment; the spares once the
+    mesh serves, so that each waits for a lost role rather than taking one of the plan's."""
 
     def __init__(self, layout: MeshLayout, services, log=sys.stderr) -> None:
         super().__init__(layout, log)
@@ -164,7 +165,7 @@ class ServiceMesh(LocalMesh):
     def start(self, timeout: float = 300.0) -> None:
         self._check_plan()
         deadline = time.monotonic() + timeout
-        for service in self.services:
+        for service in [s for s in self.services if not s.spare]:
             waits = service.role in ("coordinator", "gateway")  # workers announce themselves to the coordinator
             address = self._spawn(service.name, list(service.argv), deadline if waits else None, dict(service.env))
             if service.role == "coordinator":
@@ -172,6 +173,8 @@ class ServiceMesh(LocalMesh):
             elif service.role == "gateway":
                 self.gateway, self.http = address, self.children[-1].http
         self._wait_serving(deadline)
+        for service in [s for s in self.services if s.spare]:
+            self._spawn(service.name, list(service.argv), None, dict(service.env))
         threading.Thread(target=self._watch, daemon=True).start()
 
 

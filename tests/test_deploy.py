@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -27,6 +28,7 @@ from stagemesh.deploy.cluster import (
     parse_cluster,
     placements,
     services,
+    spare_placements,
 )
 from stagemesh.deploy.compose import render, stale_files
 from stagemesh.errors import InvalidArgument
@@ -98,6 +100,28 @@ def test_services_carry_the_flags_of_their_role():
     assert pinned["stage-1-rank-1"].gpu == 1 and "cuda:0" in pinned["stage-1-rank-1"].argv
 
 
+def test_spares_follow_the_workers_and_register_without_a_role():
+    hosts = minimal()["hosts"]
+    hosts[0]["spares"] = ["cuda:2"]
+    hosts[1]["spares"], hosts[1]["expert_spares"] = ["cpu"], ["cuda:3"]
+    cluster = parse_cluster(minimal(parallel={"tp": 2, "pp": 2, "ep": 1}, hosts=hosts + [_host("c", ["cpu"])]))
+    where = [(p.role, p.index, p.host.name, p.device, p.port) for p in spare_placements(cluster)]
+    assert where == [(STAGE, 0, "a", "cuda:2", 50105), (STAGE, 1, "b", "cpu", 50106), (EXPERT, 0, "b", "cuda:3", 50107)]
+    by_name = {s.name: s for s in services(cluster, pinned=True)}
+    assert [n for n, s in by_name.items() if s.spare] == ["stage-spare-0", "stage-spare-1", "expert-spare-0"]
+    spare = parse_command(list(by_name["stage-spare-0"].argv)).params
+    assert (spare["stage"], spare["tp_rank"], spare["port"], spare["advertise"]) == (None, None, 50105, "10.0.0.1")
+    assert spare["dist_port"] == 29502 and by_name["stage-spare-0"].gpu == 2  # its store, should it take a rank 0
+    expert = parse_command(list(by_name["expert-spare-0"].argv)).params
+    assert expert["expert_worker_index"] is None and by_name["expert-spare-0"].gpu == 3
+    assert cluster.layout().spares == 2 and cluster.layout().expert_spares == 1
+    assert [p.device for p in spare_placements(localize(cluster))] == ["cuda:2", "cpu", "cuda:5"]
+
+
+def _host(name: str, devices: list[str], **more) -> dict:
+    return {"name": name, "address": f"10.0.0.{ord(name) - 96}", "devices": devices, **more}
+
+
 def test_localize_puts_every_host_here_and_numbers_the_gpus_in_order():
     local = localize(parse_cluster(minimal()))
     assert {h.address for h in local.hosts} == {"127.0.0.1"} and local.bind == "127.0.0.1"
@@ -128,6 +152,17 @@ def test_localize_puts_every_host_here_and_numbers_the_gpus_in_order():
             "host 'b' would run no service",
         ),
         ({"env": {"NCCL DEBUG": "1"}}, "'NCCL DEBUG' is not an environment variable name"),
+        ({"hosts": [_host("a", ["cuda:0", "cpu", "cpu", "cpu"], spares=["cuda:0"])]}, "lists a GPU twice"),
+        ({"hosts": [_host("a", ["cpu"] * 4, expert_spares=["cpu"])]}, "expert_spares: this mesh has no expert"),
+        ({"hosts": [_host("a", ["cpu"] * 4, spares=["gpu1"])]}, "device 'gpu1': write cpu or cuda:N"),
+        (
+            {"hosts": [_host("a", ["cpu"] * 4, spares=["cpu"])], "gateway": {"port": 50104}},
+            "gateway.port (50104) and workers.port (50100-50104) overlap",
+        ),
+        (
+            {"hosts": [_host("a", ["cpu"] * 4, spares=["cpu"])], "gateway": {"metrics_port": 29502}},
+            "workers.dist_port (29500-29502) and gateway.metrics_port (29502)",
+        ),
     ],
 )
 def test_bad_descriptions_are_refused_with_the_reason(change, message):
@@ -190,6 +225,29 @@ def docker_compose_config(path: Path) -> dict:
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.relative_to(DEPLOY).as_posix())
 def test_compose_file_validates_and_runs_the_descriptions_commands(path):
+    assert_runs_the_descriptions_commands(path)
+
+
+def test_compose_files_run_the_spares_under_their_profile(tmp_path):
+    """Spares on two of three hosts, with TLS: each is a worker service without a role, in profile `spares`."""
+    hosts = [_host("a", [], spares=["cuda:0"]), _host("b", ["cuda:0", "cuda:1"]), _host("c", ["cuda:0", "cuda:1"])]
+    hosts[2]["expert_spares"] = ["cuda:2"]
+    hosts[2]["devices"].append("cuda:3")
+    raw = minimal(parallel={"tp": 2, "pp": 2, "ep": 1}, hosts=hosts, security={"tls_dir": "./certs"})
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(raw))
+    written = CliRunner().invoke(main, ["compose", "--config", str(tmp_path / "cluster.yaml")])
+    assert written.exit_code == 0, written.output
+    spares = {}
+    for host in "abc":
+        spares |= assert_runs_the_descriptions_commands(tmp_path / f"compose.{host}.yaml")
+    assert sorted(spares) == ["expert-spare-0", "stage-spare-0"]
+    stage = parse_command(spares["stage-spare-0"]["command"]).params
+    assert (stage["stage"], stage["tp_rank"], stage["advertise"], stage["device"]) == (None, None, "10.0.0.1", "cuda:0")
+    assert parse_command(spares["expert-spare-0"]["command"]).params["expert_worker_index"] is None
+
+
+def assert_runs_the_descriptions_commands(path: Path) -> dict[str, dict]:
+    """Checks one compose file against its folder's description; returns its spare services, resolved."""
     resolved = docker_compose_config(path)["services"]
     cluster = load_cluster(path.parent / "cluster.yaml")
     host = path.name.split(".")[1] if path.name != "compose.yaml" else cluster.hosts[0].name
@@ -212,6 +270,8 @@ def test_compose_file_validates_and_runs_the_descriptions_commands(path):
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         gpu = expected[name].gpu
         assert [d["device_ids"] for d in devices] == ([[str(gpu)]] if gpu is not None else [])
+        assert service.get("profiles", []) == (["spares"] if expected[name].spare else [])
+    return {name: service for name, service in resolved.items() if expected[name].spare}
 
 
 def test_dockerfile_installs_this_project_as_a_user_with_a_model_volume():
@@ -259,18 +319,19 @@ def free_ports(count: int) -> int:
 
 
 def test_up_config_serves_the_reference_tokens(checkpoint, tmp_path):
-    """Two described hosts (stage 0 on one, stage 1 on the other) run here as one mesh."""
+    """Two described hosts (stage 0 on one, stage 1 and a spare on the other) run here as one mesh; the spare
+    starts once it serves, so it waits for a lost role instead of taking one."""
     model = checkpoint("llama")
     raw = minimal(
         model={"path": model, "dtype": "float64"},
         parallel={"tp": 1, "pp": 2},
         hosts=[
             {"name": "a", "address": "192.0.2.1", "devices": ["cpu"]},
-            {"name": "b", "address": "192.0.2.2", "devices": ["cpu"]},
+            {"name": "b", "address": "192.0.2.2", "devices": ["cpu"], "spares": ["cpu"]},
         ],
         coordinator={"port": free_port()},
         gateway={"port": free_port(), "host": "b"},
-        workers={"port": free_ports(2), "dist_port": free_ports(2), "threads": 1, "kv_memory": "8MiB"},
+        workers={"port": free_ports(3), "dist_port": free_ports(2), "threads": 1, "kv_memory": "8MiB"},
     )
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -300,9 +361,16 @@ def test_up_config_serves_the_reference_tokens(checkpoint, tmp_path):
 def _assert_workers_where_described(coordinator: str, raw: dict) -> None:
     from stagemesh.coordinator.client import cluster_status
 
-    workers = {(w.stage, w.tp_rank): w.address for w in cluster_status(coordinator).workers}
+    status = cluster_status(coordinator)
+    for _ in range(600):  # the spare starts after the mesh serves
+        if status.spares:
+            break
+        time.sleep(0.1)
+        status = cluster_status(coordinator)
     first = raw["workers"]["port"]
+    workers = {(w.stage, w.tp_rank): w.address for w in status.workers}
     assert workers == {(0, 0): f"127.0.0.1:{first}", (1, 0): f"127.0.0.1:{first + 1}"}
+    assert [(s.kind, s.address) for s in status.spares] == [("stage", f"127.0.0.1:{first + 2}")]
 
 
 def _generate(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
