@@ -1,6 +1,9 @@
 """The mesh across three hosts: network namespaces joined by a bridge stand in for them. Each host's services
 run with exactly the argv and environment the cluster description gives them (what the compose services run),
-and greedy output equals the reference engine."""
+and greedy output equals the reference engine. Then a partition: one host's link is cut mid-stream, its
+workers are declared dead for their silence, the description's spares take their roles, and every stream
+finishes as on the failure-free run; when the link comes back the cut workers are refused and exit, and one
+restarted with its own argv (as compose restarts it) waits as a spare."""
 
 from __future__ import annotations
 
@@ -17,11 +20,12 @@ import pytest
 import torch
 from stagemesh.deploy.certs import make_certs
 from stagemesh.deploy.cluster import Cluster, Service, parse_cluster, services, tls_environment
-from support import child_env
+from support import HELPERS, child_env
 
 SUBNET = "10.123.0"
 IFNAME = "sm0"  # every host namespace names its interface the same, so one GLOO_SOCKET_IFNAME fits all
 HOSTS = {"a": f"{SUBNET}.1", "b": f"{SUBNET}.2", "c": f"{SUBNET}.3"}
+MAX_TOKENS = 48
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root (CI runs as root)")
 
@@ -77,13 +81,14 @@ def _delete(ns: Namespaces) -> None:
 
 
 def description(model: str, certs: str) -> Cluster:
-    """Coordinator and gateway on host a, stage 0's two TP ranks on b, stage 1's on c; mutual TLS between all."""
+    """Coordinator, gateway and two stage-worker spares on host a, stage 0's two TP ranks on b, stage 1's on c;
+    mutual TLS between all."""
     return parse_cluster(
         {
             "model": {"path": model, "dtype": "float64"},
             "parallel": {"tp": 2, "pp": 2},
             "hosts": [
-                {"name": "a", "address": HOSTS["a"], "devices": []},
+                {"name": "a", "address": HOSTS["a"], "devices": [], "spares": ["cpu", "cpu"]},
                 {"name": "b", "address": HOSTS["b"], "devices": ["cpu", "cpu"]},
                 {"name": "c", "address": HOSTS["c"], "devices": ["cpu", "cpu"]},
             ],
@@ -118,8 +123,37 @@ def in_host(ns: Namespaces, host: str, tool: str, *args: str) -> subprocess.Comp
     presenting the client certificate."""
     module = {"stagemesh": "stagemesh.cli", "coordctl": "stagemesh.coordinator.cli"}[tool]
     command = [*ns.exec(host), sys.executable, "-m", module, *args]
-    env = dict(child_env(), **tls_environment(ns.certs, "client"))
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=client_env(ns))
+
+
+def client_env(ns: Namespaces) -> dict[str, str]:
+    return dict(child_env(), **tls_environment(ns.certs, "client"))
+
+
+def coordctl(ns: Namespaces, cluster: Cluster, *args: str):
+    out = in_host(ns, "a", "coordctl", *args, "--coordinator", cluster.coordinator_address, "--json")
+    assert out.returncode in (0, 1), out.stderr  # status: 1 = not fully serving
+    return json.loads(out.stdout)
+
+
+def streams(ns: Namespaces, gateway: str, prompts: list[list[int]], max_tokens: int) -> subprocess.Popen:
+    """helpers/netns_streams.py in host a: prints `started` once every stream has a token, then waits for a
+    line on stdin before it notes how many had ended."""
+    argv = [str(HELPERS / "netns_streams.py"), gateway, str(max_tokens), json.dumps(prompts)]
+    command = [*ns.exec("a"), sys.executable, *argv]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=client_env(ns))
+
+
+def run_streams(driver: subprocess.Popen, cut=lambda: None, then=lambda: None) -> dict:
+    """Waits until every stream has a token, calls `cut`, notes how many streams had ended, calls `then` while
+    they run on, and returns their outcome."""
+    assert driver.stdout.readline() == "started\n"
+    cut()
+    driver.stdin.write("cut\n")
+    driver.stdin.flush()
+    then()
+    out, _ = driver.communicate(timeout=180)
+    return json.loads(out)
 
 
 def wait_serving(ns: Namespaces, gateway: str, procs: dict[str, subprocess.Popen], log_path, timeout: float) -> None:
@@ -130,7 +164,7 @@ def wait_serving(ns: Namespaces, gateway: str, procs: dict[str, subprocess.Popen
         time.sleep(0.5)
 
 
-def test_mesh_across_three_hosts_equals_the_reference(checkpoint, tmp_path):
+def test_mesh_across_three_hosts_equals_the_reference_and_survives_a_cut_link(checkpoint, tmp_path):
     model = checkpoint("llama")
     certs = str(tmp_path / "certs")
     make_certs(certs, ["coordinator", "gateway", "worker", "client"], list(HOSTS.values()))
@@ -139,12 +173,11 @@ def test_mesh_across_three_hosts_equals_the_reference(checkpoint, tmp_path):
     with ExitStack() as stack, open(log_path, "w") as logs:
         ns = make_namespaces(stack)
         ns.certs = certs
-        procs = {s.name: start(ns, s, stack, logs) for s in services(cluster)}
+        procs = {s.name: start(ns, s, stack, logs) for s in services(cluster) if not s.spare}
         gateway = f"{HOSTS['a']}:{cluster.gateway.port}"
-        wait_serving(ns, gateway, procs, log_path, timeout=90)
-        status = json.loads(
-            in_host(ns, "a", "coordctl", "status", "--coordinator", cluster.coordinator_address, "--json").stdout
-        )
+        wait_serving(ns, gateway, procs, log_path, timeout=120)
+        procs |= {s.name: start(ns, s, stack, logs) for s in services(cluster) if s.spare}  # after the roles
+        status = coordctl(ns, cluster, "status")
         assert status["serving"]
         hosts = {(w["stage"], w["tp_rank"]): w["address"].split(":")[0] for w in status["workers"]}
         assert hosts == {(0, 0): HOSTS["b"], (0, 1): HOSTS["b"], (1, 0): HOSTS["c"], (1, 1): HOSTS["c"]}
@@ -166,6 +199,58 @@ def test_mesh_across_three_hosts_equals_the_reference(checkpoint, tmp_path):
             )
             assert out.returncode == 0, out.stderr + log_path.read_text()[-4000:]
             assert json.loads(out.stdout)["token_ids"] == expected
+        partition_is_survived(ns, cluster, procs, stack, logs, log_path)
+
+
+def partition_is_survived(ns: Namespaces, cluster: Cluster, procs, stack: ExitStack, logs, log_path) -> None:
+    """Cuts host c's link (stage 1's two ranks) while streams run: silence, not a dead process."""
+    gateway = f"{HOSTS['a']}:{cluster.gateway.port}"
+    deadline = time.monotonic() + 60
+    while len(coordctl(ns, cluster, "status")["spares"]) < 2:
+        assert time.monotonic() < deadline, f"the spares did not register\n{log_path.read_text()[-4000:]}"
+        time.sleep(0.5)
+    prompts = [[(11 * i + 7 * j) % 400 + 3 for j in range(5 + i)] for i in range(4)]
+    expected = run_streams(streams(ns, gateway, prompts, MAX_TOKENS))
+    assert expected["errors"] == [None] * len(prompts) and all(len(t) == MAX_TOKENS for t in expected["tokens"])
+    link = ["-n", ns.name("switch"), "link", "set", "pc"]
+
+    def heal() -> None:
+        """Once both are declared dead the link comes back, while the spares take over: the cut workers
+        hear that they lost their roles and exit."""
+        deadline = time.monotonic() + 30
+        while len([e for e in coordctl(ns, cluster, "events") if e["kind"] == "dead"]) < 2:
+            assert time.monotonic() < deadline, (
+                f"the cut workers were not declared dead\n{log_path.read_text()[-4000:]}"
+            )
+            time.sleep(0.5)
+        ip(*link, "up")
+
+    cut = run_streams(streams(ns, gateway, prompts, MAX_TOKENS), lambda: ip(*link, "down"), heal)
+    assert cut["ended_at_cut"] == 0, "a stream ended before the cut"
+    assert cut["errors"] == [None] * len(prompts), f"{cut['errors']}\n{log_path.read_text()[-4000:]}"
+    assert cut["tokens"] == expected["tokens"], "a stream differs from the failure-free run"
+
+    events = coordctl(ns, cluster, "events")
+    dead = sorted(e["detail"] for e in events if e["kind"] == "dead")
+    assert [d.split(":")[0] for d in dead] == [f"stage 1 rank {r} at {HOSTS['c']}" for r in range(2)], dead
+    assert all("no heartbeat" in d for d in dead)
+    takeovers = [e["detail"] for e in events if e["kind"] == "takeover"]
+    assert len(takeovers) == 2 and all(t.startswith(HOSTS["a"]) and HOSTS["c"] in t for t in takeovers)
+    workers = {
+        (w["stage"], w["tp_rank"]): w["address"].split(":")[0] for w in coordctl(ns, cluster, "status")["workers"]
+    }
+    assert workers == {(0, 0): HOSTS["b"], (0, 1): HOSTS["b"], (1, 0): HOSTS["a"], (1, 1): HOSTS["a"]}
+
+    for name in ("stage-1-rank-0", "stage-1-rank-1"):  # the leader's goodbye may end its peer first
+        procs[name].wait(60)
+    assert "was declared dead and lost its role" in log_path.read_text()
+    restarted = start(ns, next(s for s in services(cluster) if s.name == "stage-1-rank-0"), stack, logs)
+    deadline = time.monotonic() + 60
+    while not any(x["address"].startswith(HOSTS["c"]) for x in coordctl(ns, cluster, "status")["spares"]):
+        assert restarted.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.5)
+    status = coordctl(ns, cluster, "status")
+    assert status["serving"] and {w["address"].split(":")[0] for w in status["workers"]} == {HOSTS["a"], HOSTS["b"]}
 
 
 def reference(model: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
