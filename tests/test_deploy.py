@@ -361,12 +361,12 @@ def test_up_config_serves_the_reference_tokens(checkpoint, tmp_path):
 def _assert_workers_where_described(coordinator: str, raw: dict) -> None:
     from stagemesh.coordinator.client import cluster_status
 
-    status = cluster_status(coordinator)
+    status = cluster_status(coordinator, timeout=30)  # a loaded machine: answers can take seconds
     for _ in range(600):  # the spare starts after the mesh serves
         if status.spares:
             break
         time.sleep(0.1)
-        status = cluster_status(coordinator)
+        status = cluster_status(coordinator, timeout=30)
     first = raw["workers"]["port"]
     workers = {(w.stage, w.tp_rank): w.address for w in status.workers}
     assert workers == {(0, 0): f"127.0.0.1:{first}", (1, 0): f"127.0.0.1:{first + 1}"}
