@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
@@ -69,6 +69,14 @@ class LocalMesh:
         for name, argv in spare_commands(layout, self.coordinator):  # after the roles are taken
             self._spawn(name, argv, deadline=None)
         threading.Thread(target=self._watch, daemon=True).start()
+
+    def add_spare(self, kind: str = "stage") -> Child:
+        """One more spare worker ("stage" or "expert") with the options of the layout's own spares, e.g. to
+        stand in for a lost one; it is stopped with the rest."""
+        layout = replace(self.layout, spares=int(kind == "stage"), expert_spares=int(kind == "expert"))
+        ((name, argv),) = spare_commands(layout, self.coordinator)
+        self._spawn(f"{name.split('=')[0]}={len(self.children)}", argv, deadline=None)  # names stay unique
+        return self.children[-1]
 
     def _check_plan(self) -> None:
         """Refuses a bad plan before any process starts."""
