@@ -31,7 +31,7 @@ from stagemesh.benchmarks.chaos import (
 from stagemesh.benchmarks.report import fmt
 from stagemesh.benchmarks.results import Row, Target
 from stagemesh.benchmarks.timing import percentiles
-from stagemesh.coordinator.client import cluster_status
+from stagemesh.coordinator.client import cluster_events, cluster_status
 from stagemesh.deploy.commands import MeshLayout
 from stagemesh.errors import StagemeshError
 from stagemesh.gateway.client import Client, GatewayError, GenerationParams
@@ -248,6 +248,7 @@ class Kill:
     streams: int  # good streams open at the kill
     mid_stream: int  # of those, streams that had tokens already
     recovery: float | None  # seconds until each of them had its next token (or ended); None: not within the limit
+    wall: float = 0.0  # time.time() of the kill
     dead_after: float | None = None  # the coordinator's `dead` event, seconds after the kill
     ready_after: float | None = None  # the `ready` of the worker that took the role over
 
@@ -319,6 +320,7 @@ def chaos(
         except StagemeshError as e:
             return kills, f"chaos stopped during a kill: {e}"
         k = kills[-1]
+        k.wall = wall
         replace_spare(mesh, log_path)
         for key, value in event_delays(mesh, k.role, wall).items():
             setattr(k, key, value)
@@ -347,6 +349,19 @@ class SoakResult:
     spares_after: int
     stopped: str = ""  # why chaos stopped early ("" = it did not)
     stuck: int = 0  # client threads still waiting for their request at the end
+    unplanned: list[dict] = field(default_factory=list)  # the coordinator's `dead` events no kill explains
+
+
+def unplanned_deaths(events: list[dict], kills: list[Kill]) -> list[dict]:
+    """`dead` events (coordctl events) that are not the role of a kill within 10 s of it: e.g. a worker
+    whose heartbeats a starved machine delayed past the timeout."""
+    from datetime import datetime
+
+    def explained(e: dict) -> bool:
+        t = datetime.fromisoformat(e["time"]).timestamp()
+        return any(e["detail"].startswith(k.role) and 0 <= t - k.wall < 10 for k in kills)
+
+    return [e for e in events if e["kind"] == "dead" and not explained(e)]
 
 
 def soak(mesh, opts: SoakOptions, log_path: Path, say=print) -> SoakResult:
@@ -373,7 +388,9 @@ def soak(mesh, opts: SoakOptions, log_path: Path, say=print) -> SoakResult:
         clients.tally.failures.append({"request": f"pool[{s.spec}]", "tokens": len(s.tokens), "error": "no end"})
     after = settled_usage(mesh)
     spares = len(cluster_status(mesh.coordinator).spares)
-    return SoakResult(clients.tally, kills, before, sampler.peak(), after, seconds, spares, stopped, len(stuck))
+    unplanned = unplanned_deaths(cluster_events(mesh.coordinator), kills)
+    peak = sampler.peak()
+    return SoakResult(clients.tally, kills, before, peak, after, seconds, spares, stopped, len(stuck), unplanned)
 
 
 def soak_layout(model_dir: str, opts: SoakOptions) -> MeshLayout:
@@ -431,8 +448,8 @@ def soak_rows(r: SoakResult, opts: SoakOptions) -> list[Row]:
             detail={"failures": [f for f in t.failures if f not in failed]},
         ),
     ]
-    if opts.chaos:
-        rows += kill_rows(r)
+    rows += kill_rows(r) if opts.chaos else []
+    rows.append(deaths_row(r))
     return rows + latency_rows(t) + resource_rows(r, opts)
 
 
@@ -444,7 +461,8 @@ def kill_rows(r: SoakResult) -> list[Row]:
     detect = f"detected (coordinator's `dead`) p50 {percentiles(dead)['p50'] or 0:.1f} s" if dead else ""
     load = f"; the spare ready p50 {percentiles(ready)['p50']:.1f} s after the kill" if ready else ""
     what = "recovery per kill: kill -> next token on every stream open at the kill"
-    note = f"{detect}{load}; includes the 3 s heartbeat timeout" + (f"; {r.stopped}" if r.stopped else "")
+    note = f"{detect}{load} (a worker is dead 3 s after its last heartbeat, which came up to 0.5 s before the kill)"
+    note += f"; {r.stopped}" if r.stopped else ""
     return [
         Row(
             "soak_kills",
@@ -460,6 +478,20 @@ def kill_rows(r: SoakResult) -> list[Row]:
         Row("soak_recovery_p50", f"{what}, p50", "", percentiles(times)["p50"], None, "s", None, note=note),
         Row("soak_recovery_max", f"{what}, max", "", max(times, default=None), None, "s", None),
     ]
+
+
+def deaths_row(r: SoakResult) -> Row:
+    return Row(
+        "soak_unplanned_deaths",
+        "workers declared dead that no kill explains",
+        "",
+        len(r.unplanned),
+        None,
+        "workers",
+        None,
+        note="; ".join(f"{e['time']} {e['detail']}" for e in r.unplanned),
+        detail={"events": r.unplanned},
+    )
 
 
 def latency_rows(t: Tally) -> list[Row]:
