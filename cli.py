@@ -8,6 +8,7 @@ import json
 import sys
 
 import click
+from stagemesh.benchmarks.soak import SoakOptions
 from stagemesh.coordinator.server import CoordinatorOptions
 from stagemesh.deploy.commands import MeshLayout
 from stagemesh.gateway.scheduler import SchedulerLimits
@@ -460,11 +461,11 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @main.command("bench")
 @click.option(
     "--suite",
-    type=click.Choice(["quick", "full", "smoke"]),
+    type=click.Choice(["quick", "full", "smoke", "soak"]),
     default="quick",
     show_default=True,
     help="quick: the published numbers (<10 min on 2 cores); full: longer runs, wider sweeps; "
-    "smoke: tiny checkpoints, seconds (CI).",
+    "smoke: tiny checkpoints, seconds (CI); soak: concurrent clients for --minutes, --chaos kills workers.",
 )
 @click.option(
     "--model",
@@ -491,11 +492,26 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
     type=click.Choice(["decode", "compiled", "compiled-mesh", "serving", "parallel", "memory", "experts"]),
     help="Run only these families of rows (repeatable); default: all.",
 )
-def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:
+@option(SoakOptions, "minutes", "--minutes", type=float, help="soak: how long the clients send requests.")
+@option(SoakOptions, "chaos", "--chaos", is_flag=True, help="soak: kill -9 a random stage worker every --kill-every s.")
+@option(SoakOptions, "kill_every", "--kill-every", type=float, help="soak: seconds between kills.")
+@option(SoakOptions, "clients", "--clients", type=int, help="soak: concurrent clients.")
+@option(
+    SoakOptions, "pool", "--pool", type=int, help="soak: distinct good requests (each checked against its reference)."
+)
+@option(SoakOptions, "tp", "--tp", type=int, help="soak: tensor-parallel degree of each stage.")
+@option(SoakOptions, "pp", "--pp", type=int, help="soak: pipeline stages.")
+@option(SoakOptions, "spares", "--spares", type=int, help="soak: spare stage workers.")
+def bench_command(suite, model_dir, mixtral_dir, out, only, **soak) -> None:
     """Measure the mesh against baselines run side by side (HF generate, the in-process engine, tp/pp/ep=1)
-    and write the table, the ratios to their targets, and plots."""
+    and write the table, the ratios to their targets, and plots; or (--suite soak) serve concurrent clients
+    for minutes, optionally killing workers, and check that no good request fails and nothing leaks."""
     from stagemesh.benchmarks.runner import BenchOptions, run_bench
 
+    if suite == "soak":
+        from stagemesh.benchmarks.soak import run_soak
+
+        sys.exit(run_soak(SoakOptions(**soak), model_dir, out))
     sys.exit(run_bench(BenchOptions(suite, model_dir, mixtral_dir, out, only=tuple(only))))
 
 

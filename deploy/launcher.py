@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stagemesh.deploy.cluster import load_cluster, localize, resolve_paths, services
@@ -70,20 +70,38 @@ class LocalMesh:
             self._spawn(name, argv, deadline=None)
         threading.Thread(target=self._watch, daemon=True).start()
 
+    def add_spare(self, kind: str = "stage") -> Child:
+        """One more spare worker ("stage" or "expert") with the options of the layout's own spares, e.g. to
+        stand in for a lost one; it is stopped with the rest. The caller may have gRPC threads running by
+        now, so the child gets no Python code between fork and exec (Popen then uses vfork; a forked copy
+        of gRPC's state was seen to abort): it is not tied to the launcher's death like the others."""
+        layout = replace(self.layout, spares=int(kind == "stage"), expert_spares=int(kind == "expert"))
+        ((name, argv),) = spare_commands(layout, self.coordinator)
+        unique = f"{name.split('=')[0]}={len(self.children)}"
+        self._spawn(unique, argv, deadline=None, die_with_parent=False)
+        return self.children[-1]
+
     def _check_plan(self) -> None:
         """Refuses a bad plan before any process starts."""
         from stagemesh.models.config import ModelConfig
 
         self.layout.parallel_plan(ModelConfig.from_dir(self.layout.model_dir))
 
-    def _spawn(self, name: str, argv: list[str], deadline: float | None, env: dict[str, str] | None = None) -> str:
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        deadline: float | None,
+        env: dict[str, str] | None = None,
+        die_with_parent: bool = True,
+    ) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
         child.proc = subprocess.Popen(
             child.argv,
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent if die_with_parent else None,
             env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
         )
         self.children.append(child)

@@ -57,6 +57,11 @@ class PipelineLink:
             error = Unavailable(f"stage 0 at {self.address} closed the stream")
         except grpc.aio.AioRpcError as e:
             error = error_from_rpc(e, f"pipeline (stage 0 at {self.address})")
+            if e.code() == grpc.StatusCode.INTERNAL:
+                # A write that fails inside gRPC core (the stream just broke: a worker died) marks the call
+                # INTERNAL here, hiding the status stage 0 sent; seen in the soak with a kill. A broken
+                # stream, then: the service holds the requests and fails them if the topology stays the same.
+                error = Unavailable(f"pipeline (stage 0 at {self.address}): the stream broke ({e.details()})")
         if not self._closed:
             log.warning("%s", error)
             self.on_failure(error)

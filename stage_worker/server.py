@@ -62,10 +62,14 @@ class ForwardLink:
         """Serves the stream until it ends; returns the error that ended it, if any."""
         tasks = []
         try:
+            requests = aiter(requests)
+            first = await anext(requests, None)  # its epoch says which topology the next stage is from
+            if first is None:
+                return None
             if not self.runtime.engine.is_last:
-                await self._open_downstream()
+                await self._open_downstream(first.epoch)
                 tasks.append(asyncio.ensure_future(self._relay()))
-            tasks.append(asyncio.ensure_future(self._steps(requests)))
+            tasks.append(asyncio.ensure_future(self._steps(first, requests)))
             pending = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
@@ -84,7 +88,8 @@ class ForwardLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # no write may be pending when the stream ends
 
-    async def _steps(self, requests) -> None:
+    async def _steps(self, first: pb.Step, requests) -> None:
+        await self._handle(first)
         async for step in requests:
             await self._handle(step)
         if self.downstream is not None:
@@ -139,15 +144,18 @@ class ForwardLink:
                 await asyncio.gather(write, return_exceptions=True)
                 raise
 
-    async def _open_downstream(self) -> None:
-        """The gateway may open its stream as soon as the mesh is ready, a moment before this worker's
-        own topology watch says so: wait a little for the next stage's address."""
+    async def _open_downstream(self, epoch: int) -> None:
+        """The gateway may open its stream as soon as the mesh is ready (again, after a takeover), a moment
+        before this worker's own topology watch says so: wait a little for the next stage's address as of
+        the stream's pipeline epoch, not the one before (it may be a dead worker's)."""
         stage = self.runtime.stage
         try:
-            await asyncio.wait_for(self.runtime.pipeline_known.wait(), TOPOLOGY_WAIT_SECONDS)
+            address = await self.runtime.stage_address(stage + 1, epoch, TOPOLOGY_WAIT_SECONDS)
         except asyncio.TimeoutError:
-            raise Unavailable(f"stage {stage + 1} is not known yet: the mesh is not ready") from None
-        self._channel = aio_channel(self.runtime.stage_addresses[stage + 1])
+            raise Unavailable(
+                f"stage {stage + 1} of pipeline epoch {epoch} is not known yet: the mesh is not ready"
+            ) from None
+        self._channel = aio_channel(address)
         self.downstream = pb_grpc.StageStub(self._channel).Forward()
 
     async def _relay(self) -> None:

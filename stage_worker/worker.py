@@ -48,8 +48,9 @@ class StageRuntime:
         self.dtype = torch.float32
         self.links: set = set()
         self.epoch = 0
-        self.stage_addresses: tuple[str, ...] = ()
-        self.pipeline_known = asyncio.Event()  # set once the topology named every stage's leader
+        self.stage_addresses: tuple[str, ...] = ()  # every stage's leader, as of pipeline epoch addresses_epoch
+        self.addresses_epoch = -1  # -1: no ready topology seen yet
+        self._addresses_changed = asyncio.Condition()
         self.experts = ExpertDirectory()
         self.broken: str | None = None  # why steps are refused (the TP group is being re-formed)
         self.regroup = asyncio.Event()  # set when the group must be re-formed (keep_group)
@@ -95,6 +96,19 @@ class StageRuntime:
         log.error("%s", self.broken)
         self._loop.call_soon_threadsafe(self.regroup.set)
         return Unavailable(self.broken)
+
+    async def set_stage_addresses(self, epoch: int, addresses: tuple[str, ...]) -> None:
+        async with self._addresses_changed:
+            self.stage_addresses, self.addresses_epoch = addresses, epoch
+            self._addresses_changed.notify_all()
+
+    async def stage_address(self, stage: int, epoch: int, timeout: float) -> str:
+        """Stage `stage`'s leader as of pipeline epoch `epoch` or later. A stream of a new epoch can arrive
+        a moment before this worker's own topology watch reports that epoch; the address known until then
+        may be the dead worker's that a spare just replaced (TimeoutError after `timeout`)."""
+        async with self._addresses_changed:
+            await asyncio.wait_for(self._addresses_changed.wait_for(lambda: self.addresses_epoch >= epoch), timeout)
+            return self.stage_addresses[stage]
 
     def on_epoch(self, epoch: int) -> None:
         """The coordinator's pipeline epoch, from heartbeats and the topology watch."""
@@ -302,8 +316,7 @@ async def _watch(client: CoordinatorClient, runtime: StageRuntime) -> None:
         runtime.on_epoch(topology.pipeline_epoch)
         runtime.experts = ExpertDirectory(tuple(topology.expert_addresses), tuple(topology.expert_alive))
         if topology.ready:
-            runtime.stage_addresses = tuple(topology.stage_addresses)
-            runtime.pipeline_known.set()
+            await runtime.set_stage_addresses(topology.pipeline_epoch, tuple(topology.stage_addresses))
 
 
 def _kv_budget(kv_memory: str | None, device: torch.device) -> int:

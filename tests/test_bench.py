@@ -1,6 +1,7 @@
 """The benchmark harness cannot rot unseen: `stagemesh bench --suite smoke` runs every case on tiny
 checkpoints and must leave every row of the table with numbers, plus results.md and the plots; the GPU
-check's script runs its whole flow on CPU with a tiny shape."""
+check's script runs its whole flow on CPU with a tiny shape; a short soak with one kill keeps `--suite soak`
+honest (no good request fails, no KV block leaks)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,26 @@ def test_gpu_check_flow_runs_on_cpu(tmp_path):
     assert set(result["pipeline"]) == {"pp=1", "pp=2"}
     assert result["pipeline"]["pp=2"]["micro_batches"] == 2
     assert "pp=2 (2 processes, 1 GPU)" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_soak_with_a_kill_fails_no_good_request_and_frees_every_kv_block(tmp_path, checkpoint):
+    """A short `--suite soak --chaos` on the tiny Llama (pp=2, one spare): one stage worker is killed while
+    streams are mid-way, every good request still matches its failure-free output, every invalid one is
+    refused, and afterwards no KV block is held and a new spare waits in the killed worker's place."""
+    cmd = [sys.executable, "-m", "stagemesh.cli", "bench", "--suite", "soak", "--model", checkpoint("llama")]
+    cmd += ["--minutes", "0.3", "--chaos", "--kill-every", "8", "--clients", "4", "--pool", "8", "--out", "out"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    good = rows["soak_good_failed"]
+    assert good["value"] == 0 and good["detail"]["completed"] > 0, good["detail"]["failures"]
+    assert rows["soak_invalid"]["baseline_value"] > 0 and rows["soak_invalid"]["ratio"] == 1.0
+    (kill,) = rows["soak_kills"]["detail"]["kills"]
+    assert kill["role"].startswith("stage ") and kill["mid_stream"] > 0, kill
+    assert _finite(kill["recovery"]) and _finite(rows["soak_recovery_max"]["value"]), kill
+    assert rows["soak_kills"]["detail"]["spares_after"] == 1
+    kv = rows["soak_kv_after"]["detail"]
+    assert kv["peak"]["kv_workers"] > 0 and kv["after"]["kv_workers"] == kv["after"]["kv_gateway"] == 0
+    assert "good requests failed" in (tmp_path / "out" / "results.md").read_text()

@@ -119,6 +119,17 @@ def test_step_from_an_old_epoch_is_unavailable(mesh):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "topology changed" in e.value.details()
 
 
+def test_a_stream_from_an_epoch_not_seen_yet_waits_for_its_topology_instead_of_the_old_addresses(mesh):
+    """After a takeover the gateway's stream (new epoch) can reach stage 0 before stage 0's topology watch
+    does; the next stage's address it knew until then may be the dead worker's. It waits for the stream's
+    epoch (here one that never comes: UNAVAILABLE after the wait) rather than forwarding on the old one."""
+    address, block, epoch = _stage(mesh, 0)
+    with pytest.raises(grpc.RpcError) as e:
+        _forward(address, [pb.Step(step_id=1, epoch=epoch + 1, seqs=[_seq(6, 0, 1, block)], token_ids=[3])])
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"stage 1 of pipeline epoch {epoch + 1} is not known yet" in e.value.details()
+
+
 def test_unknown_sequence_is_invalid_argument(mesh):
     address, block, epoch = _stage(mesh, 0)
     step = pb.Step(step_id=1, epoch=epoch, seqs=[_seq(99, 5, 1, block)], token_ids=[3])
