@@ -231,7 +231,7 @@ def _worker_options(command):
 
 
 def _limits_options(owner: type):
-    """--max-step-tokens/--max-queue/--max-running; `owner` is SchedulerLimits or a dataclass taking its defaults."""
+    """--max-step-tokens/--max-queue/--max-running/--min-micro-batch; `owner` is SchedulerLimits or a dataclass taking its defaults."""
 
     def decorate(command):
         options = [
@@ -250,6 +250,14 @@ def _limits_options(owner: type):
                 help="Requests waiting for KV space before RESOURCE_EXHAUSTED.",
             ),
             option(owner, "max_running", "--max-running", type=int, help="Sequences running at once."),
+            option(
+                owner,
+                "min_micro_batch",
+                "--min-micro-batch",
+                type=int,
+                help="Fewest sequences per pipeline micro-batch: below pp x this many, fewer micro-batches go in "
+                "flight (raise it where the stages share one memory: a CPU socket, one GPU).",
+            ),
         ]
         for o in reversed(options):
             command = o(command)
@@ -363,12 +371,12 @@ def expert_worker_command(**fields) -> None:
     help="The model's name on the HTTP API (default: the plan's model path).",
 )
 @security_options
-def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
+def gateway_command(max_step_tokens, max_queue, max_running, min_micro_batch, **fields) -> None:
     """Run the gateway: the public Generation API (gRPC; OpenAI-compatible HTTP with --http-port), continuous
     batching, pipelined micro-batches."""
     from stagemesh.gateway.service import run_gateway
 
-    limits = SchedulerLimits(max_step_tokens=max_step_tokens, max_queue=max_queue, max_running=max_running)
+    limits = SchedulerLimits(max_step_tokens, max_queue, max_running, min_micro_batch)
     _serve(run_gateway(GatewayOptions(limits=limits, **fields)))
 
 
