@@ -32,7 +32,8 @@ def main() -> None:
     type=click.Choice(PRESETS),
     default="tiny",
     show_default=True,
-    help="Size: tiny (tests), small (demos), bench (~250M, benchmarks).",
+    help="Size: tiny (tests), small (demos), bench (~250M, benchmarks), experts (Mixtral with bench-sized "
+    "experts, for the expert-parallel benchmark).",
 )
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -496,7 +497,9 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["decode", "compiled", "compiled-mesh", "serving", "parallel", "memory", "experts"]),
+    type=click.Choice(
+        ["decode", "compiled", "compiled-mesh", "serving", "parallel", "hop", "memory", "experts", "experts-large"]
+    ),
     help="Run only these families of rows (repeatable); default: all.",
 )
 def bench_command(suite, model_dir, mixtral_dir, out, only) -> None:
