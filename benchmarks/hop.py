@@ -112,8 +112,9 @@ def servicer_seconds(step: pb.Step, reps: int = 100) -> float:
         for s in step.seqs:
             s.start_pos = k
         start = time.perf_counter()
-        chunks = table.apply([seq_request(s) for s in step.seqs], list(step.release))
-        step_work(step, chunks, is_first=False)
+        seqs = [seq_request(s) for s in step.seqs]
+        chunks = table.apply(seqs, list(step.release))
+        step_work(step, chunks, False, seqs)
         tokens = token_messages(chunks, [SampledToken(3, -1.0)] * n)
         pb.StepResult(step_id=k, tokens=tokens, timings=[pb.StageTiming(stage=1, busy_seconds=0.0)]).SerializeToString()
         samples.append(time.perf_counter() - start)
