@@ -33,7 +33,8 @@ def main() -> None:
     type=click.Choice(PRESETS),
     default="tiny",
     show_default=True,
-    help="Size: tiny (tests), small (demos), bench (~250M, benchmarks).",
+    help="Size: tiny (tests), small (demos), bench (~250M, benchmarks), experts (Mixtral with bench-sized "
+    "experts, for the expert-parallel benchmark).",
 )
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -232,7 +233,7 @@ def _worker_options(command):
 
 
 def _limits_options(owner: type):
-    """--max-step-tokens/--max-queue/--max-running; `owner` is SchedulerLimits or a dataclass taking its defaults."""
+    """--max-step-tokens/--max-queue/--max-running/--min-micro-batch; `owner` is SchedulerLimits or a dataclass taking its defaults."""
 
     def decorate(command):
         options = [
@@ -251,6 +252,14 @@ def _limits_options(owner: type):
                 help="Requests waiting for KV space before RESOURCE_EXHAUSTED.",
             ),
             option(owner, "max_running", "--max-running", type=int, help="Sequences running at once."),
+            option(
+                owner,
+                "min_micro_batch",
+                "--min-micro-batch",
+                type=int,
+                help="Fewest sequences per pipeline micro-batch: below pp x this many, fewer micro-batches go in "
+                "flight (raise it where the stages share one memory: a CPU socket, one GPU).",
+            ),
         ]
         for o in reversed(options):
             command = o(command)
@@ -364,12 +373,12 @@ def expert_worker_command(**fields) -> None:
     help="The model's name on the HTTP API (default: the plan's model path).",
 )
 @security_options
-def gateway_command(max_step_tokens, max_queue, max_running, **fields) -> None:
+def gateway_command(max_step_tokens, max_queue, max_running, min_micro_batch, **fields) -> None:
     """Run the gateway: the public Generation API (gRPC; OpenAI-compatible HTTP with --http-port), continuous
     batching, pipelined micro-batches."""
     from stagemesh.gateway.service import run_gateway
 
-    limits = SchedulerLimits(max_step_tokens=max_step_tokens, max_queue=max_queue, max_running=max_running)
+    limits = SchedulerLimits(max_step_tokens, max_queue, max_running, min_micro_batch)
     _serve(run_gateway(GatewayOptions(limits=limits, **fields)))
 
 
@@ -489,7 +498,9 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["decode", "compiled", "compiled-mesh", "serving", "parallel", "memory", "experts"]),
+    type=click.Choice(
+        ["decode", "compiled", "compiled-mesh", "serving", "parallel", "hop", "memory", "experts", "experts-large"]
+    ),
     help="Run only these families of rows (repeatable); default: all.",
 )
 @option(SoakOptions, "minutes", "--minutes", type=float, help="soak: how long the clients send requests.")

@@ -1,6 +1,8 @@
 """Expert parallelism on a Mixtral checkpoint (issue 5): batch decode through a mesh whose experts live on
 ep=2 expert workers against Hugging Face Mixtral `generate`, and the expert FFN throughput of ep=1 vs ep=2
-workers at a fixed batch, driven by the stage's own dispatch code (RemoteExperts), in one run."""
+workers at a fixed batch, driven by the stage's own dispatch code (RemoteExperts), in one run; the same
+throughput on a Mixtral whose experts are large enough for expert parallelism to matter (issue 14: the
+suite's `experts_preset`, hidden 1024 and experts of 2816, against the small one's 256 x 256)."""
 
 from __future__ import annotations
 
@@ -112,30 +114,49 @@ def _shape(path: str) -> str:
     )
 
 
-def expert_ffn_row(ctx: BenchContext, ep1, ep2) -> Row:
+def run_large_experts(ctx: BenchContext) -> list[Row]:
+    from stagemesh.benchmarks.runner import checkpoint
+
+    large = checkpoint(None, "mixtral", ctx.suite.experts_preset)
+    with ctx.mesh(ctx.layout(large, ep=1)) as ep1, ctx.mesh(ctx.layout(large, ep=2)) as ep2:
+        row = expert_ffn_row(ctx, ep1, ep2, "expert_ffn_large", Target("ratio>=", 1.5), large)
+    row.what = row.what.replace("expert FFN throughput", "expert FFN throughput, large experts")
+    return [row]
+
+
+def expert_ffn_row(
+    ctx: BenchContext, ep1, ep2, key: str = "expert_ffn", target: Target | None = None, model: str | None = None
+) -> Row:
     s = ctx.suite
-    ctx.advance(f"expert FFN throughput, ep=2 vs ep=1, batch {s.expert_batch}")
+    ctx.advance(f"expert FFN throughput, ep=2 vs ep=1, batch {s.expert_batch}, {_shape(model or ctx.mixtral)}")
     one, two = ExpertLoad(ep1.coordinator, s.expert_batch), ExpertLoad(ep2.coordinator, s.expert_batch)
     one.throughput(1), two.throughput(1)  # warm-up: opens the channels
     base_s, ours_s = alternate(s.reps, lambda: one.throughput(s.expert_rounds), lambda: two.throughput(s.expert_rounds))
     ours, base = median(ours_s), median(base_s)
-    ctx.add_series("scaling", f"ep: expert FFN throughput, batch {s.expert_batch}", [[1, 1.0], [2, ours / base]])
+    label = "large experts" if target else f"batch {s.expert_batch}"
+    ctx.add_series("scaling", f"ep: expert FFN throughput, {label}", [[1, 1.0], [2, ours / base]])
     profile = [
         f"ep={e}: {line}"
         for e, mesh, load in ((1, ep1, one), (2, ep2, two))
         for line in ffn_profile(mesh, load, s.expert_rounds)
     ]
+    streamed = one.weight_bytes()
+    profile.append(
+        f"expert weights streamed per pass over the layers: {streamed / 1e6:.0f} MB (every expert with a routed "
+        f"token reads its 3 matrices once); ep=1 reads them at {streamed * base / s.expert_batch / 1e9:.1f} GB/s, "
+        f"the two ep=2 workers together at {streamed * ours / s.expert_batch / 1e9:.1f} GB/s"
+    )
     return Row(
-        "expert_ffn",
+        key,
         f"expert FFN throughput, ep=2, batch {s.expert_batch}, 1 thread per expert worker",
         "ep=1, 1 thread",
         ours,
         base,
         "tok/s",
         ours / base,
-        None,
+        target,
         note="tokens through every MoE layer's experts per second, random top-2 routing, dispatched by the "
-        "stage's RemoteExperts over gRPC; near-linear scaling would be ~2x",
+        f"stage's RemoteExperts over gRPC; near-linear scaling would be ~2x; {_shape(model or ctx.mixtral)}",
         profile=profile,
         detail={"ep1": base_s, "ep2": ours_s},
     )
@@ -167,11 +188,17 @@ class ExpertLoad:
         owners = [plan.parallel.expert_owners(e) for e in range(config.num_local_experts)]
         directory = ExpertDirectory(tuple(t.expert_addresses), tuple(t.expert_alive))
         pool = ExpertPool(lambda: directory, timeout=60.0)
+        self.config = config
         self.layers = [RemoteExperts(i, owners, pool) for i in range(config.num_hidden_layers)]
         gen = torch.Generator().manual_seed(0)
         self.hidden = torch.randn(batch, config.hidden_size, generator=gen)  # (T, D)
         scores = torch.randn(batch, config.num_local_experts, generator=gen).softmax(-1)  # (T, E)
         self.weights, self.ids = scores.topk(config.num_experts_per_tok, dim=-1)  # (T, K) each
+
+    def weight_bytes(self) -> int:
+        """float32 bytes of the experts this load's routing reaches, over every MoE layer."""
+        c = self.config
+        return c.num_hidden_layers * self.ids.unique().numel() * 3 * c.hidden_size * c.intermediate_size * 4
 
     def throughput(self, rounds: int) -> float:
         """Tokens per second through all MoE layers, `rounds` passes."""

@@ -23,7 +23,7 @@ class BenchOptions:
     mixtral_dir: str | None = None
     out: str = "bench-results"
     command: str = ""  # the command line that ran, for the report
-    only: tuple[str, ...] = ()  # family names to run (decode, compiled, serving, parallel, memory, experts); () = all
+    only: tuple[str, ...] = ()  # family names to run (runner.families(): decode, ..., experts-large); () = all
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,14 @@ def families() -> list[Family]:
         Family(
             "parallel",
             parallel.run_parallel,
-            lambda s: len(s.concurrency) + 2,
+            lambda s: 1 + len(parallel.sweep_points(s)) + len(parallel.PP_ROWS),
             (
                 ("tp_latency", "tp=2 decode latency"),
-                ("pp_throughput", "pp=2 throughput"),
-                ("stage_hop", "one stage hop"),
+                ("pp_throughput", "pp=2 throughput at the top concurrency"),
+                ("pp_throughput_half", "pp=2 throughput at half of it"),
             ),
         ),
+        Family("hop", parallel.run_hop, lambda s: 1, (("stage_hop", "one stage hop"),)),
         Family(
             "memory",
             memory.run_memory,
@@ -103,6 +104,12 @@ def families() -> list[Family]:
                 ("expert_ffn", "expert FFN throughput"),
                 ("tp_dispatch", "Mixtral tp=2 dispatch"),
             ),
+        ),
+        Family(  # its own checkpoint (the suite's experts_preset), generated on first use
+            "experts-large",
+            experts.run_large_experts,
+            lambda s: 1,
+            (("expert_ffn_large", "expert FFN throughput, large experts"),),
         ),
     ]
 

@@ -12,12 +12,13 @@ class Suite:
     name: str
     llama_preset: str  # generated when --model is not given
     mixtral_preset: str  # generated when --mixtral is not given
+    experts_preset: str  # the Mixtral of the large-expert row, generated into ./checkpoints/
     reps: int  # baseline and candidate alternate this many times; the median is reported
     heavy_reps: int  # the same for the long serving runs
     prompt_tokens: int  # prompt of the decode measurements
     decode_tokens: int  # N in the decode rate (t(N) - t(1)) / (N - 1)
     serve_tokens: int  # tokens per request in the concurrency runs
-    concurrency: tuple[int, ...]  # throughput sweep (pp=1 and pp=2); the last is the pp row's
+    concurrency: tuple[int, ...]  # throughput sweep (pp=1 and pp=2); the pp rows: the last and half of it
     mixed_requests: int  # requests of mixed lengths against HF static batches
     mixed_prompt: tuple[int, int]  # prompt length range of those requests
     mixed_output: tuple[int, int]  # max_tokens range of those requests
@@ -38,12 +39,13 @@ SUITES = {
         "quick",
         "bench",
         "small",
+        "experts",
         reps=5,
         heavy_reps=2,
         prompt_tokens=32,
         decode_tokens=32,
         serve_tokens=32,
-        concurrency=(1, 8, 32),
+        concurrency=(1, 8, 32, 64),
         mixed_requests=64,
         mixed_prompt=(8, 64),
         mixed_output=(4, 40),
@@ -60,6 +62,7 @@ SUITES = {
         "full",
         "bench",
         "small",
+        "experts",
         reps=5,
         heavy_reps=3,
         prompt_tokens=32,
@@ -80,6 +83,7 @@ SUITES = {
     ),
     "smoke": Suite(
         "smoke",
+        "tiny",
         "tiny",
         "tiny",
         reps=1,

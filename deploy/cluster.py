@@ -77,6 +77,7 @@ class GatewaySection:
     max_step_tokens: int = SchedulerLimits.max_step_tokens
     max_queue: int = SchedulerLimits.max_queue
     max_running: int = SchedulerLimits.max_running
+    min_micro_batch: int = SchedulerLimits.min_micro_batch
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Cluster:
             max_step_tokens=self.gateway.max_step_tokens,
             max_queue=self.gateway.max_queue,
             max_running=self.gateway.max_running,
+            min_micro_batch=self.gateway.min_micro_batch,
             metrics_port=self.gateway.metrics_port,
             http_port=self.gateway.http_port,
             spares=self.spares,

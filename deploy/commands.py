@@ -23,6 +23,7 @@ class MeshLayout(LayoutOptions):
     max_step_tokens: int = SchedulerLimits.max_step_tokens
     max_queue: int = SchedulerLimits.max_queue
     max_running: int = SchedulerLimits.max_running
+    min_micro_batch: int = SchedulerLimits.min_micro_batch
     metrics_port: int | None = None  # the gateway's Prometheus port (0 = a free one, logged)
     http_port: int | None = None  # the gateway's OpenAI-compatible HTTP port (0 = a free one); None = off
     spares: int = 0  # stage workers beyond the plan: each waits to take a lost stage role
@@ -144,6 +145,8 @@ def gateway_command(layout: MeshLayout, coordinator: str, advertise: str | None 
         str(layout.max_queue),
         "--max-running",
         str(layout.max_running),
+        "--min-micro-batch",
+        str(layout.min_micro_batch),
     ]
     if advertise:
         argv += ["--advertise", advertise]

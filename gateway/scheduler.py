@@ -1,10 +1,13 @@
 """Continuous batching for the mesh. Pure asyncio bookkeeping, no gRPC, no torch.
 
 Every event (a request arrives, a step's tokens come back, a client goes away) updates the sequences and
-then schedules at once: while fewer than `max_inflight` (= pp) micro-batches are in flight, the next one
-is formed from the sequences not already in flight, so every stage has work. Each micro-batch takes at
+then schedules at once: while fewer micro-batches than `micro_batches(...)` (pp, so every stage has work)
+are in flight, the next one is formed from the sequences not already in flight. Each micro-batch takes at
 most its fair share of the active sequences, decodes first, then prompt chunks under a token budget
-(chunked prefill: a long prompt never stalls running decodes for more than one step). KV blocks are
+(chunked prefill: a long prompt never stalls running decodes for more than one step). Micro-batches are
+sized by what a step amortises: each one streams every stage's weights once, whatever its size, so the
+running sequences are never cut into micro-batches smaller than `min_micro_batch`; with fewer than
+pp x min_micro_batch of them, fewer (larger) micro-batches go in flight. KV blocks are
 allocated when a sequence is admitted (prompt + max_tokens) and freed the moment it ends; the stages
 forget it with the next step's release list.
 
@@ -110,6 +113,20 @@ class SchedulerLimits:
     max_step_tokens: int = 512  # chunked-prefill budget per step
     max_queue: int = 256  # requests waiting for KV space
     max_running: int = 256  # sequences holding KV space
+    min_micro_batch: int = 1  # sequences a micro-batch needs to amortise the stage's weight stream (see below)
+
+
+def micro_batches(running: int, pp: int, min_micro_batch: int) -> int:
+    """How many micro-batches to keep in flight for `running` sequences on `pp` stages: pp, so that every
+    stage has work, unless that cuts them into micro-batches of fewer than `min_micro_batch` sequences.
+
+    A decode step streams the stage's weights once whatever its batch, and computes per sequence: below the
+    batch where the per-sequence work overtakes the weight stream (the device's FLOP/s over its bytes/s,
+    times the bytes per parameter over 2 FLOPs), splitting multiplies the weight traffic while the stages
+    that would run the pieces in parallel share the same memory (one CPU socket, one GPU): there fewer,
+    larger micro-batches do the same work with less traffic. Stages on devices of their own gain from
+    every split (min_micro_batch 1, the default)."""
+    return max(1, min(pp, running // max(1, min_micro_batch)))
 
 
 class Scheduler:
@@ -277,7 +294,10 @@ class Scheduler:
     # ---- forming steps ----
 
     def _schedule(self) -> None:
-        while self.sink is not None and len(self.inflight) < self.max_inflight:
+        while self.sink is not None:
+            self._admit()
+            if len(self.inflight) >= self._micro_batches():
+                break
             step = self._next_step()
             if step is None:
                 break
@@ -285,12 +305,14 @@ class Scheduler:
         if self.sink is not None and not self.inflight and self.pending_release:
             self.sink.send(PlannedStep(next(self._step_ids), (), self._take_release()))
 
+    def _micro_batches(self) -> int:
+        return micro_batches(len(self.running), self.max_inflight, self.limits.min_micro_batch)
+
     def _next_step(self) -> PlannedStep | None:
-        self._admit()
         ready = [s for s in self.running.values() if not s.inflight and not s.done]
         if not ready:
             return None
-        share = math.ceil(len(self.running) / self.max_inflight)
+        share = math.ceil(len(self.running) / self._micro_batches())
         ready.sort(key=lambda s: (s.prefilling, s.seq_id))  # decodes first, then prompts in arrival order
         budget, chunks = self.limits.max_step_tokens, []
         for seq in ready[:share]:

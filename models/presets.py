@@ -2,7 +2,10 @@
 
 `tiny` runs in milliseconds and still exercises every feature (GQA, tp > KV heads at tp=4, Llama-3 RoPE
 scaling, Qwen2 biases and tied embeddings, Mistral's sliding window, Mixtral's 8 experts top-2);
-`small` is for quick demos; `bench` (~250M parameters) is what the benchmarks measure.
+`small` is for quick demos; `bench` (~250M parameters) is what the benchmarks measure; `experts` is a
+Mixtral whose experts are as large as `bench`'s MLPs (hidden 1024, 8 experts of 2816, 2 layers, a short
+vocabulary: ~150M parameters, ~140M of them experts), for expert parallelism where the experts' work, not
+the dispatch, dominates a layer.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 from stagemesh.errors import InvalidArgument
 
 ARCHS = ("llama", "mistral", "qwen2", "mixtral")
-PRESETS = ("tiny", "small", "bench")
+PRESETS = ("tiny", "small", "bench", "experts")
+MOE_PRESETS = ("experts",)  # shapes for the mixtral arch only
 
 _SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab, context
@@ -39,6 +43,15 @@ _SHAPES = {
         num_key_value_heads=8,
         intermediate_size=2816,
         vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "experts": dict(
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=2816,  # per expert
+        vocab_size=4096,
         max_position_embeddings=4096,
     ),
 }
@@ -76,8 +89,10 @@ def hf_config(arch: str, preset: str, dtype: str = "float32") -> dict:
         raise InvalidArgument(f"arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if preset not in PRESETS:
         raise InvalidArgument(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if preset in MOE_PRESETS and arch != "mixtral":
+        raise InvalidArgument(f"preset {preset!r} is a Mixtral shape: use --arch mixtral")
     shape = dict(_SHAPES[preset])
-    if arch == "mixtral" and preset != "tiny":
+    if arch == "mixtral" and preset in ("small", "bench"):
         shape["intermediate_size"] = shape["hidden_size"]  # 8 experts of this size keep `bench` near 300M
         shape["num_hidden_layers"] = max(4, shape["num_hidden_layers"] // 2)
     config = {

@@ -73,7 +73,7 @@ class SequenceTable:
         table = s.block_table or (entry.block_table if entry else ())
         if not table:
             raise InvalidArgument(f"sequence {s.seq_id}: a step at position 0 needs its KV block table")
-        if any(not 0 <= b < self.num_blocks for b in table):
+        if s.block_table and any(not 0 <= b < self.num_blocks for b in table):  # a stored table was checked
             raise InvalidArgument(f"sequence {s.seq_id}: KV block ids must be in [0, {self.num_blocks})")
         if s.start_pos + s.num_tokens > len(table) * self.block_size:
             raise InvalidArgument(

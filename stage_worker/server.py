@@ -99,10 +99,11 @@ class ForwardLink:
         runtime = self.runtime
         if step.epoch < runtime.epoch:
             raise Unavailable(f"topology changed: step from epoch {step.epoch}, the mesh is at epoch {runtime.epoch}")
-        chunks = self.table.apply([seq_request(s) for s in step.seqs], list(step.release))
+        seqs = [seq_request(s) for s in step.seqs]
+        chunks = self.table.apply(seqs, list(step.release))
         start = time.perf_counter()
         if chunks:
-            work = step_work(step, chunks, runtime.engine.is_first)
+            work = step_work(step, chunks, runtime.engine.is_first, seqs)
             runtime.engine.check(work)
             payload = resolved_step(step, chunks).SerializeToString() if runtime.group else None
             try:
@@ -184,13 +185,14 @@ def seq_request(s: pb.SeqStep) -> SeqRequest:
     return SeqRequest(s.seq_id, s.start_pos, s.num_tokens, tuple(s.block_table), s.wants_token, sampling, s.draw_index)
 
 
-def step_work(step: pb.Step, chunks: list[SeqChunk], is_first: bool) -> StepWork:
+def step_work(step: pb.Step, chunks: list[SeqChunk], is_first: bool, seqs: list[SeqRequest]) -> StepWork:
+    """`seqs`: the step's sequences as seq_request read them (once per step)."""
     token_ids = hidden = None
     if is_first:
         token_ids = torch.tensor(list(step.token_ids), dtype=torch.long)
     elif step.HasField("hidden"):
         hidden = decode(step.hidden)
-    sampling = tuple((seq_request(s).sampling, s.draw_index) for s in step.seqs if s.wants_token)
+    sampling = tuple((s.sampling, s.draw_index) for s in seqs if s.wants_token)
     return StepWork(step.step_id, tuple(chunks), token_ids, hidden, sampling)
 
 

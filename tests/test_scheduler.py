@@ -9,7 +9,14 @@ import asyncio
 
 import pytest
 from stagemesh.errors import InvalidArgument, ResourceExhausted, Unavailable
-from stagemesh.gateway.scheduler import FinishEvent, PlannedStep, Scheduler, SchedulerLimits, TokenEvent
+from stagemesh.gateway.scheduler import (
+    FinishEvent,
+    PlannedStep,
+    Scheduler,
+    SchedulerLimits,
+    TokenEvent,
+    micro_batches,
+)
 from stagemesh.models.blocks import BlockAllocator
 from stagemesh.models.requests import GenerationRequest, SampledToken
 
@@ -57,6 +64,34 @@ def test_pp_micro_batches_in_flight_each_with_a_fair_share():
         assert len(sink.steps[3].chunks) == 2
         in_flight = [c.seq_id for s in sink.steps[2:] for c in s.chunks]
         assert sorted(in_flight) == [1, 2, 3, 4]  # no sequence is in two micro-batches
+
+    run(go())
+
+
+def test_micro_batches_are_never_cut_below_what_amortises_the_weight_stream():
+    # pp pieces while each keeps at least min_micro_batch sequences; fewer, larger ones below that
+    assert [micro_batches(n, 2, 1) for n in (0, 1, 2, 3, 64)] == [1, 1, 2, 2, 2]
+    assert [micro_batches(n, 2, 16) for n in (1, 16, 31, 32, 64)] == [1, 1, 1, 2, 2]
+    assert [micro_batches(n, 4, 8) for n in (8, 16, 24, 31, 32, 200)] == [1, 2, 3, 3, 4, 4]
+    assert micro_batches(64, 1, 16) == 1
+
+    async def go():
+        scheduler, sink = make(pp=2, blocks=256, limits=SchedulerLimits(min_micro_batch=4))
+        for _ in range(6):
+            scheduler.submit(request(prompt_len=1))
+        # 6 sequences cannot make two micro-batches of 4: the first step took the one request there was, the
+        # rest wait for it rather than go out in a second, smaller micro-batch
+        assert [len(s.chunks) for s in sink.steps] == [1]
+        answer(scheduler, sink.steps[0])
+        assert [len(s.chunks) for s in sink.steps[1:]] == [6]  # one micro-batch of all six
+        for _ in range(2):
+            scheduler.submit(request(prompt_len=1))
+        # 8 sequences make pp micro-batches of 4: the two newcomers go out at once as the second one ...
+        assert [len(s.chunks) for s in sink.steps[2:]] == [2] and len(scheduler.inflight) == 2
+        answer(scheduler, sink.steps[1])
+        assert [len(s.chunks) for s in sink.steps[3:]] == [4]  # ... and the six returning take their share
+
+    run(go())
 
 
 def test_decode_steps_carry_one_token_and_finish_frees_kv_and_releases():
