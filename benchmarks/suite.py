@@ -1,5 +1,5 @@
 """The sizes of a benchmark run: which checkpoints, how many tokens, requests and repetitions. `quick` is
-the published one (under 10 minutes on 2 cores), `full` measures longer and sweeps wider, `smoke` runs
+the published one (about 17 minutes on 2 cores), `full` measures longer and sweeps wider, `smoke` runs
 every case on tiny checkpoints in seconds so CI keeps the harness working."""
 
 from __future__ import annotations
