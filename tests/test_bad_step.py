@@ -57,24 +57,30 @@ def _refused_long_prompt(client: Client) -> GatewayError:
     return e.value
 
 
+def _long_prompt_beside_a_stream(mesh: MeshProcess):
+    """A stream runs; a long prompt is sent meanwhile and fails: (its error, the stream's first chunk, all the
+    stream's tokens)."""
+
+    async def run():
+        async with AsyncClient(mesh.gateway, timeout=120) as client:
+            stream = client.stream(GenerationParams(SHORT[0], max_tokens=80, ignore_eos=True))
+            first = await stream.__anext__()
+            with pytest.raises(GatewayError) as e:
+                await client.generate(GenerationParams(LONG, max_tokens=5, ignore_eos=True))
+            tokens = list(first.token_ids)
+            async for chunk in stream:
+                tokens.extend(chunk.token_ids)
+            return e.value, first, tokens
+
+    return asyncio.run(run())
+
+
 def test_tp1_out_of_memory_mid_forward_fails_only_its_step(checkpoint, reference):
     """pp=2, the last stage runs out of memory inside its forward (after writing the step's KV): the failure
     travels back through stage 0; a stream running meanwhile (in its own micro-batch) finishes exactly."""
     mesh = _oom_mesh(checkpoint, ["--pp", "2"], at="forward", stage="1")
     try:
-
-        async def run():
-            async with AsyncClient(mesh.gateway, timeout=120) as client:
-                stream = client.stream(GenerationParams(SHORT[0], max_tokens=80, ignore_eos=True))
-                first = await stream.__anext__()
-                with pytest.raises(GatewayError) as e:
-                    await client.generate(GenerationParams(LONG, max_tokens=5, ignore_eos=True))
-                tokens = list(first.token_ids)
-                async for chunk in stream:
-                    tokens.extend(chunk.token_ids)
-                return e.value, first, tokens
-
-        error, first, tokens = asyncio.run(run())
+        error, first, tokens = _long_prompt_beside_a_stream(mesh)
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "stage 1 ran out of memory" in error.details and "injected out-of-memory" in error.details
         assert first.finish_reason is None  # the stream was running when the long prompt failed
@@ -110,19 +116,7 @@ def test_tp2_out_of_memory_inside_the_leaders_forward_fails_its_step_and_re_form
     micro-batch) is replayed and finishes exactly."""
     mesh = _oom_mesh(checkpoint, ["--tp", "2", "--pp", "2"], at="forward", stage="1", rank="0")
     try:
-
-        async def run():
-            async with AsyncClient(mesh.gateway, timeout=120) as client:
-                stream = client.stream(GenerationParams(SHORT[0], max_tokens=80, ignore_eos=True))
-                first = await stream.__anext__()
-                with pytest.raises(GatewayError) as e:
-                    await client.generate(GenerationParams(LONG, max_tokens=5, ignore_eos=True))
-                tokens = list(first.token_ids)
-                async for chunk in stream:
-                    tokens.extend(chunk.token_ids)
-                return e.value, first, tokens
-
-        error, first, tokens = asyncio.run(run())
+        error, first, tokens = _long_prompt_beside_a_stream(mesh)
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "injected out-of-memory" in error.details
         assert first.finish_reason is None
         assert tokens == reference(SHORT[0], 80)
