@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import click
@@ -24,6 +25,10 @@ from stagemesh.workers import ExpertWorkerOptions, StageWorkerOptions
 @click.version_option(package_name="stagemesh")
 def main() -> None:
     """stagemesh: serve language models too large for one GPU as a gRPC mesh."""
+    if "STAGEMESH_LAUNCHER_PID" in os.environ:  # started by a launcher: die with it (deploy.launcher)
+        from stagemesh.deploy.launcher import follow_launcher
+
+        follow_launcher()
 
 
 @main.command("make-checkpoint")

@@ -37,12 +37,23 @@ class Child:
     lines: list[str] = field(default_factory=list)
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+LAUNCHER_PID = "STAGEMESH_LAUNCHER_PID"  # set in the environment of the children a launcher starts
+
+
+def follow_launcher() -> None:
+    """In a child a launcher started (LAUNCHER_PID set): SIGTERM when the launcher dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG). The child sets it on itself, not the launcher in a preexec_fn: forking a
+    launcher that runs gRPC threads and running Python before exec can abort the child in gRPC's fork
+    handlers (seen: SIGABRT of workers a bench started), while without preexec_fn Python spawns with vfork."""
+    launcher = os.environ.pop(LAUNCHER_PID, None)  # not inherited by this process's own children
+    if launcher is None:
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    if os.getppid() != int(launcher):  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LocalMesh:
@@ -72,13 +83,11 @@ class LocalMesh:
 
     def add_spare(self, kind: str = "stage") -> Child:
         """One more spare worker ("stage" or "expert") with the options of the layout's own spares, e.g. to
-        stand in for a lost one; it is stopped with the rest. The caller may have gRPC threads running by
-        now, so the child gets no Python code between fork and exec (Popen then uses vfork; a forked copy
-        of gRPC's state was seen to abort): it is not tied to the launcher's death like the others."""
+        stand in for a lost one; it is stopped with the rest."""
         layout = replace(self.layout, spares=int(kind == "stage"), expert_spares=int(kind == "expert"))
         ((name, argv),) = spare_commands(layout, self.coordinator)
         unique = f"{name.split('=')[0]}={len(self.children)}"
-        self._spawn(unique, argv, deadline=None, die_with_parent=False)
+        self._spawn(unique, argv, deadline=None)
         return self.children[-1]
 
     def _check_plan(self) -> None:
@@ -93,7 +102,6 @@ class LocalMesh:
         argv: list[str],
         deadline: float | None,
         env: dict[str, str] | None = None,
-        die_with_parent: bool = True,
     ) -> str:
         child = Child(name, [sys.executable, "-m", "stagemesh.cli", *argv])
         child.proc = subprocess.Popen(
@@ -101,8 +109,7 @@ class LocalMesh:
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), LAUNCHER_PID: str(os.getpid())},
         )
         self.children.append(child)
         ready = threading.Event()

@@ -164,3 +164,17 @@ def test_a_dead_tp_peer_fails_requests_with_unavailable_without_hanging(checkpoi
         assert new_requests_unavailable(mesh.gateway)
     finally:
         mesh.stop()
+
+
+def test_a_launcher_killed_by_sigkill_takes_its_mesh_with_it(checkpoint):
+    """`stagemesh up` killed with SIGKILL leaves no process behind: each child asked the kernel for SIGTERM
+    when its launcher dies (deploy.launcher.follow_launcher, set in the child itself, not in a preexec_fn)."""
+    import psutil
+
+    mesh = MeshProcess(checkpoint("llama"), "--pp", "2")
+    children = list(mesh.children)
+    assert len(children) == 4  # coordinator, two stage workers, gateway
+    mesh.proc.kill()
+    mesh.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"still running after the launcher died: {alive}"
