@@ -25,7 +25,7 @@ from stagemesh.stage_worker.sequences import SeqRequest, SequenceTable
 
 log = logging.getLogger("stagemesh.stage")
 SERVICE = pb.DESCRIPTOR.services_by_name["Stage"].full_name
-TOPOLOGY_WAIT_SECONDS = 10.0
+TOPOLOGY_WAIT_SECONDS = 2.0  # a stream's epoch reaches the gateway and this stage's watch moments apart
 
 
 class StageServicer(pb_grpc.StageServicer):
@@ -154,7 +154,7 @@ class ForwardLink:
             address = await self.runtime.stage_address(stage + 1, epoch, TOPOLOGY_WAIT_SECONDS)
         except asyncio.TimeoutError:
             raise Unavailable(
-                f"stage {stage + 1} of pipeline epoch {epoch} is not known yet: the mesh is not ready"
+                f"topology changed: stage {stage + 1} of pipeline epoch {epoch} is not known here yet"
             ) from None
         self._channel = aio_channel(address)
         self.downstream = pb_grpc.StageStub(self._channel).Forward()

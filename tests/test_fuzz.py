@@ -36,7 +36,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
 CALL_TIMEOUT = 30.0  # a hang shows up as DEADLINE_EXCEEDED, which is not clean
-# What bad input may get. UNAVAILABLE only for a step from an old epoch (the caller must refresh its topology).
+# What bad input may get. UNAVAILABLE only for a step from an old epoch, or one the stage has not heard of (the
+# caller must refresh its topology).
 CLEAN = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,

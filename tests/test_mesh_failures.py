@@ -127,7 +127,7 @@ def test_a_stream_from_an_epoch_not_seen_yet_waits_for_its_topology_instead_of_t
     with pytest.raises(grpc.RpcError) as e:
         _forward(address, [pb.Step(step_id=1, epoch=epoch + 1, seqs=[_seq(6, 0, 1, block)], token_ids=[3])])
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"stage 1 of pipeline epoch {epoch + 1} is not known yet" in e.value.details()
+    assert f"stage 1 of pipeline epoch {epoch + 1} is not known here yet" in e.value.details()
 
 
 def test_unknown_sequence_is_invalid_argument(mesh):
