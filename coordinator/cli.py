@@ -39,8 +39,8 @@ def status_command(coordinator, as_json, timeout) -> None:
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the coordinator.")
 @security_options
 def events_command(coordinator, as_json, timeout) -> None:
-    """List membership and epoch changes (registered, spare, dead, takeover, ready, rejoined, drained) with times
-    and causes."""
+    """List membership and epoch changes (registered, spare, dead, takeover, regroup, ready, rejoined, drained) with
+    times and causes."""
     from stagemesh.coordinator.client import cluster_events
 
     events = cluster_events(coordinator, timeout)
