@@ -21,7 +21,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
 class ChangeFeed:
-    """Wakes every waiter once per change."""
+    """Wakes every waiter once per change. A loop takes `since()` before it reads the state and waits on it
+    after: a change in between (e.g. while a streamed message was being sent) is not missed."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -30,9 +31,12 @@ class ChangeFeed:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
+    def since(self) -> asyncio.Event:
+        return self._event
+
+    async def wait(self, timeout: float, since: asyncio.Event | None = None) -> None:
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for((since or self._event).wait(), timeout)
         except asyncio.TimeoutError:
             pass
 
@@ -68,6 +72,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         r, spare = request, None
         try:
             while True:
+                since = self.feed.since()
                 try:
                     return self.roster.register(
                         r.kind,
@@ -83,7 +88,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     if spare is None:
                         spare = self.roster.add_spare(r.kind, r.address, r.device, r.hostname)
                         log.info("%s waits as a %s spare", r.address, r.kind)
-                    await self.feed.wait(1.0)
+                    await self.feed.wait(1.0, since)
         finally:
             if spare is not None:
                 self.roster.remove_spare(spare)
@@ -102,10 +107,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for ranks > 0, until that epoch's rank 0 has published its store."""
         is_leader = self.roster.get(request.worker_id).tp_rank == 0
         while True:
+            since = self.feed.since()
             epoch, complete, rendezvous = self.roster.join_group(request.worker_id, request.failed_epoch)
             if complete and (is_leader or rendezvous):
                 return pb.GroupAssignment(group_epoch=epoch, rendezvous="" if is_leader else rendezvous)
-            await self.feed.wait(1.0)
+            await self.feed.wait(1.0, since)
 
     @maps_errors
     async def SetRendezvous(self, request: pb.RendezvousRequest, context) -> pb.Empty:
@@ -143,11 +149,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def WatchTopology(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.Topology]:
         sent = -1
         while True:
+            since = self.feed.since()
             topology = self.roster.topology
             if topology.epoch != sent:
                 sent = topology.epoch
-                yield topology_message(topology)
-            await self.feed.wait(5.0)
+                yield topology_message(topology)  # a change while this is sent wakes `since`
+            await self.feed.wait(5.0, since)
 
     @maps_errors
     async def Events(self, request: pb.EventsRequest, context) -> pb.EventList:
