@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from stagemesh.errors import InvalidArgument
 from stagemesh.models.batch import StepBatch
+from stagemesh.models.tp import TPRank
 from stagemesh.models.transformer import Transformer
 from torch import nn
 
@@ -126,6 +127,7 @@ class CompiledDecode:
         self.stats = CompileStats()
         self._graph = None
         self._step = DecodeStep(model)
+        _collectives_between_graphs()
         model.rotary(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32)  # fills its device cache
         for layer in model.layers.values():  # routed experts (local or remote) have data-dependent shapes
             if hasattr(layer.mlp, "experts"):
@@ -233,6 +235,14 @@ class CompiledDecode:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(keys, 1)
         return self._graph(tokens, positions, slots, keys)
+
+
+def _collectives_between_graphs() -> None:
+    """TP collectives run eagerly between the graphs: dynamo breaks its graph at each (idempotent)."""
+    for name in ("all_reduce", "all_gather"):
+        method = getattr(TPRank, name)
+        if not getattr(method, "_torchdynamo_disable", False):
+            setattr(TPRank, name, torch.compiler.disable(method))
 
 
 def _own_code(fn):
