@@ -27,7 +27,8 @@ MAX_RANKS = 32
 HEADER = 2 * MAX_RANKS  # int64 slots: sequence numbers of up to MAX_RANKS ranks, then their pids
 SPINS_BEFORE_YIELD = 64
 SPINS_BEFORE_SLEEP = 1 << 16  # a peer waiting for the leader's next step stops spinning after this many checks
-IDLE_SLEEP = 0.0005  # ... and checks every half millisecond: idle peers must not burn a core each
+IDLE_SLEEP = 0.0005  # ... and checks every half millisecond: idle peers must not burn a core each;
+MAX_IDLE_SLEEP = 0.004  # the interval doubles every ~0.5 s of idle up to this (an idle peer: 5% of a core -> 0.5%)
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 
 
@@ -105,14 +106,16 @@ class ShmCollectives:
     def _wait_for_leader(self, op: int) -> None:
         """A peer waits for the next step as long as the leader lives (an idle mesh is not a failure),
         spinning first (steps come back to back while serving), then sleeping between checks."""
-        spins = 0
+        spins, pause = 0, IDLE_SLEEP
         while self._header[0] < op:
             spins += 1
             if spins < SPINS_BEFORE_SLEEP:
                 if spins % SPINS_BEFORE_YIELD == 0:
                     os.sched_yield()
                 continue
-            time.sleep(IDLE_SLEEP)
+            time.sleep(pause)
+            if spins % 1024 == 0:
+                pause = min(2 * pause, MAX_IDLE_SLEEP)
             if self.aborted:
                 raise CollectiveError("the tensor-parallel group is being re-formed")
             if spins % 256 == 0 and not _alive(int(self._header[MAX_RANKS])):

