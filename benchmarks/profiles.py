@@ -12,10 +12,31 @@ from pathlib import Path
 import psutil
 
 
-def torch_top_ops(run: Callable[[], object], per: int, label: str, top: int = 6) -> list[str]:
+def torch_top_ops(
+    run: Callable[[], object], per: int, label: str, top: int = 6, minus: Callable[[], object] | None = None
+) -> list[str]:
     """Runs `run` under torch.profiler and returns the `top` operators by self CPU time, per unit of work
-    (`per` = the decode steps or requests `run` did), as lines of text."""
+    (`per` = the decode steps or requests `run` did), as lines of text. `minus`, profiled the same way, is
+    taken off: a generate of N + 1 tokens minus one of 1 token leaves the N decode steps, without the
+    prefill (which an eager-prefill, compiled-decode engine runs through other kernels)."""
     import torch
+
+    ops, wall = _profiled_ops(run)
+    if minus is not None:
+        base, base_wall = _profiled_ops(minus)
+        ops = {k: (t - base.get(k, (0.0, 0))[0], n - base.get(k, (0.0, 0))[1]) for k, (t, n) in ops.items()}
+        wall -= base_wall
+    total = sum(max(t, 0.0) for t, _ in ops.values()) or 1.0
+    lines = [
+        f"{label}: {wall / per * 1e3:.1f} ms per step wall, {torch.get_num_threads()} threads; top ops by self time:"
+    ]
+    for key, (t, n) in sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
+        lines.append(f"  {key}: {t / 1e3 / per:.2f} ms/step ({t / total:.0%}), {n / per:.0f} calls/step")
+    return lines
+
+
+def _profiled_ops(run: Callable[[], object]) -> tuple[dict[str, tuple[float, int]], float]:
+    """{operator: (self CPU microseconds, calls)} of one run under torch.profiler, and its wall seconds."""
     from stagemesh.benchmarks.meshes import children_log
     from torch.profiler import ProfilerActivity, profile
 
@@ -23,16 +44,7 @@ def torch_top_ops(run: Callable[[], object], per: int, label: str, top: int = 6)
         start = time.perf_counter()
         run()
         wall = time.perf_counter() - start
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    threads = torch.get_num_threads()
-    lines = [f"{label}: {wall / per * 1e3:.1f} ms per step wall, {threads} threads; top ops by self time:"]
-    for e in events[:top]:
-        share = e.self_cpu_time_total / total
-        lines.append(
-            f"  {e.key}: {e.self_cpu_time_total / 1e3 / per:.2f} ms/step ({share:.0%}), {e.count / per:.0f} calls/step"
-        )
-    return lines
+    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}, wall
 
 
 @dataclass
