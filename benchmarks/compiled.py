@@ -160,9 +160,8 @@ def mesh_rows(ctx: BenchContext) -> list[Row]:
             note=f"client-timed, (t({n}) - t(1)) / {n - 1}",
             detail={"mesh": mesh_s, "engine": eng_s},
         )
-        mixed = mixed_row(ctx, mesh, hf, label="mesh (1,1) compiled")
+        mixed = mixed_row(ctx, mesh, hf, label="mesh (1,1) compiled", target=4.0)  # its miss profiled at 4x
         mixed.key = "compiled_mixed_throughput"
-        mixed.target = Target("ratio>=", 4.0)
         mixed.note += "; " + compile_counts(mesh)
     return [decode, mixed]
 
