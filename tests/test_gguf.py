@@ -37,9 +37,12 @@ def test_conversion_errors_are_clear(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and a version, then nothing
     cases = [
         (tmp_path / "missing.gguf", "does not exist"),
         (not_gguf, "is not a GGUF file"),
+        (truncated, "cannot read it as GGUF"),
         (other, "holds a 'gpt2' model; convert-gguf supports llama"),
     ]
     for file, message in cases:

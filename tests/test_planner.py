@@ -256,19 +256,16 @@ def test_a_checkpoint_directory_is_read_from_its_config(checkpoint):
 
 # ---- against a running mesh ----
 
-# Against the shared float64 meshes of conftest (llama_mesh, mixtral_mesh), in these layouts: (tp, pp, ep).
-LLAMA_LAYOUTS = {"tp1-pp2": (1, 2, 0), "tp2-pp2": (2, 2, 0)}
-MIXTRAL_LAYOUTS = {"tp1-pp2-ep2": (1, 2, 2)}
+
+# Against the shared float64 meshes of conftest (llama_mesh, mixtral_mesh): layout name, expected (tp, pp, ep).
+@pytest.mark.parametrize("llama_mesh,layout", [("tp1-pp2", (1, 2, 0)), ("tp2-pp2", (2, 2, 0))], indirect=["llama_mesh"])
+def test_predicted_parameter_memory_is_within_5_percent_of_what_workers_load(llama_mesh, layout):
+    _predicted_within_5_percent(llama_mesh, *layout)
 
 
-@pytest.mark.parametrize("llama_mesh", list(LLAMA_LAYOUTS), indirect=True)
-def test_predicted_parameter_memory_is_within_5_percent_of_what_workers_load(llama_mesh, request):
-    _predicted_within_5_percent(llama_mesh, *LLAMA_LAYOUTS[request.node.callspec.params["llama_mesh"]])
-
-
-@pytest.mark.parametrize("mixtral_mesh", list(MIXTRAL_LAYOUTS), indirect=True)
-def test_predicted_moe_parameter_memory_is_within_5_percent_of_what_workers_load(mixtral_mesh, request):
-    _predicted_within_5_percent(mixtral_mesh, *MIXTRAL_LAYOUTS[request.node.callspec.params["mixtral_mesh"]])
+@pytest.mark.parametrize("mixtral_mesh,layout", [("tp1-pp2-ep2", (1, 2, 2))], indirect=["mixtral_mesh"])
+def test_predicted_moe_parameter_memory_is_within_5_percent_of_what_workers_load(mixtral_mesh, layout):
+    _predicted_within_5_percent(mixtral_mesh, *layout)
 
 
 def _predicted_within_5_percent(running, tp: int, pp: int, ep: int) -> None:
