@@ -8,8 +8,9 @@ touch a sequence's pages; padded key columns are masked as they are in eager dec
 steps stay eager, over the same KV pages, and the logits go to the same sampling code.
 
 On CPU the graphs are inductor C++ kernels with `freezing` (weights constant-folded and prepacked for
-oneDNN) and symbolic in the key length, so one graph per batch bucket serves every block bucket; on CUDA
-`mode="reduce-overhead"` (CUDA graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch,
+oneDNN), symbolic in batch and key length: one graph serves every bucket from batch 2 up, and batch 1 has
+its own, whose linears are streaming reductions (`LinearsAsSums`); on CUDA `mode="reduce-overhead"` (CUDA
+graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch,
 T = padded key slots (blocks x block_size), D = hidden size, V = vocab.
 """
 
@@ -29,6 +30,7 @@ from stagemesh.models.batch import StepBatch
 from stagemesh.models.tp import TPRank
 from stagemesh.models.transformer import Transformer
 from torch import nn
+from torch.nn import functional as F
 
 log = logging.getLogger("stagemesh.compile")
 
@@ -86,7 +88,7 @@ class CompileOptions:
 class CompileStats:
     """What start-up captured, for the logs and `coordctl status`."""
 
-    graphs: int = 0  # compiled graphs (CPU: one per batch bucket; CUDA: one per captured bucket pair)
+    graphs: int = 0  # compiled graph pieces (CPU: the symbolic graph and the batch-1 one; CUDA: per bucket pair)
     warmup_seconds: float = 0.0
     compiled_steps: int = 0  # decode steps served by a graph
     eager_steps: int = 0  # steps that were not (prefill, mixed, or past the largest bucket)
@@ -94,20 +96,45 @@ class CompileStats:
 
 
 class DecodeStep(nn.Module):
-    """The tensor-only decode step that is compiled: the model's own forward over a decode-only batch."""
+    """The tensor-only decode step that is compiled: the model's own forward over a decode-only batch.
+    `gemv_as_sums`: a 1-row step's linears are traced as reductions (`LinearsAsSums`)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, gemv_as_sums: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.gemv_as_sums = model, gemv_as_sums
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor):
         """tokens: ids (B,) on the first stage, else hidden (B, D); positions, slots (B,); keys (B, T) the
         KV slots each row reads. Returns logits (B, V) on the last stage, else hidden (B, D)."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         batch = StepBatch((), positions, slots, rows, rows, keys, positions, ())
-        if self.model.has_embedding:
-            return self.model(batch, input_ids=tokens)
-        return self.model(batch, hidden=tokens)
+        inputs = dict(input_ids=tokens) if self.model.has_embedding else dict(hidden=tokens)
+        if self.gemv_as_sums and positions.shape[0] == 1:  # the batch-1 graph (size 1 is specialised)
+            with LinearsAsSums():
+                return self.model(batch, **inputs)
+        return self.model(batch, **inputs)
+
+
+class LinearsAsSums(torch.overrides.TorchFunctionMode):
+    """While dynamo traces a 1-row step, `F.linear(x, W, b)` becomes `(x * W).sum(-1) + b`, which inductor
+    compiles into one vectorised reduction streaming W's rows. On this project's 2-vCPU CPU that reads the
+    weights at ~0.8 of a plain `sum`'s rate, where oneDNN's prepacked GEMV reaches ~0.6 and MKL's ~0.4
+    (the bench model's 65 decode linears, 2 threads): batch-1 decode is nothing but that read. Code that
+    runs eagerly in between (experts, collectives) keeps `F.linear`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear or not torch.compiler.is_compiling():
+            return func(*args, **kwargs)
+        return _linear_as_sum(*args, **kwargs)
+
+
+def _linear_as_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (1, K), weight (N, K) -> (1, N), accumulated in float32 or wider. The weight is not cast: freezing
+    would fold a cast of it into a second, wider copy that every step then reads."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = (x[:, None, :] * weight[None]).sum(-1, dtype=acc)  # (1, N)
+    return (y if bias is None else y + bias).to(x.dtype)
 
 
 class CompiledDecode:
@@ -120,13 +147,13 @@ class CompiledDecode:
         max_blocks = -(-model.config.max_position_embeddings // block_size)
         self.block_buckets = options.blocks_for(max_blocks)
         # CPU: one graph symbolic in batch and key length, so inductor packs each weight once for oneDNN
-        # (a static batch gets MKL packing per batch size); size 1 would be specialised, so batch 1 pads to 2.
+        # (a static batch gets MKL packing per batch size), and a batch-1 graph of its own (dynamo
+        # specialises size 1) whose linears are reductions over the unpacked weights (LinearsAsSums).
         self.symbolic = self.device.type == "cpu"
-        buckets = options.batch_buckets
-        self.batch_buckets = tuple(sorted({max(2, b) for b in buckets})) if self.symbolic else buckets
+        self.batch_buckets = options.batch_buckets
         self.stats = CompileStats()
         self._graph = None
-        self._step = DecodeStep(model)
+        self._step = DecodeStep(model, gemv_as_sums=self.symbolic)
         _collectives_between_graphs()
         model.rotary(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32)  # fills its device cache
         for layer in model.layers.values():  # routed experts (local or remote) have data-dependent shapes
@@ -172,13 +199,15 @@ class CompiledDecode:
         return self.stats
 
     def _warm_up_pairs(self) -> list[tuple[int, int]]:
-        """Every (batch, blocks) pair for CUDA graphs, which capture each shape. The CPU graph is symbolic in
-        both: every batch bucket at the fewest blocks and every block bucket at the smallest batch reach every
-        value of each size (a 64 x 4096-key step alone would take seconds to warm up)."""
+        """Every (batch, blocks) pair for CUDA graphs, which capture each shape. The CPU graphs are symbolic
+        in the key length, the larger one also in batch: every batch bucket at the fewest blocks and every
+        block bucket at the two smallest batches (the batch-1 graph and the symbolic one) reach every value
+        of each size (a 64 x 4096-key step alone would take seconds to warm up)."""
         if not self.symbolic:
             return [(b, k) for b in self.batch_buckets for k in self.block_buckets]
-        small_b, few = self.batch_buckets[0], self.block_buckets[0]
-        return [(b, few) for b in self.batch_buckets] + [(small_b, k) for k in self.block_buckets[1:]]
+        few = self.block_buckets[0]
+        smallest = self.batch_buckets[:2]
+        return [(b, few) for b in self.batch_buckets] + [(b, k) for b in smallest for k in self.block_buckets[1:]]
 
     def _compile(self):
         from torch._inductor import config as inductor

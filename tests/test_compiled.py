@@ -46,9 +46,9 @@ def compile_works(monkeypatch):
     monkeypatch.setenv(FREEZING_ENV, "0")  # child processes (TP ranks, mesh workers) compile without freezing
 
 
-def compiled_runner(path: str, dtype=torch.float32, freezing: bool = True) -> ModelRunner:
+def compiled_runner(path: str, dtype=torch.float32, freezing: bool = True, buckets: str = BUCKETS) -> ModelRunner:
     model, _ = build_model(path, dtype=dtype)
-    options = replace(CompileOptions.parse(BUCKETS), freezing=freezing)
+    options = replace(CompileOptions.parse(buckets), freezing=freezing)
     runner = ModelRunner(model, num_blocks=64, block_size=16, compile=options)
     runner.compiled.warm_up()
     return runner
@@ -80,6 +80,19 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def test_batch1_graph_reads_weights_as_sums(checkpoint):
+    """(1,1) at batch 1 (its own graph, linears as streaming reductions: models.compiled.LinearsAsSums): close
+    to eager, eager's tokens, and no GEMM kernel runs in its decode steps (the symbolic graph calls mm)."""
+    runner = compiled_runner(checkpoint("llama"), freezing=False, buckets="1x8")
+    assert_close_to_eager(runner, PROMPTS[2:])
+    from torch.profiler import profile
+
+    with profile() as prof:
+        decode_logits(runner, PROMPTS[:1], 2)  # the eager prefill, then 2 decode steps through the graph
+    gemms = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    assert gemms == len(runner.model.layers) * 4 + 1, gemms  # the prefill's 4 per layer and the head
+
+
 def test_compiled_engine_generates_eager_tokens(checkpoint):
     """The reference engine with compile: batched greedy generation gives eager's tokens; prefill stays eager."""
     path = checkpoint("llama")
@@ -93,17 +106,23 @@ def test_compiled_engine_generates_eager_tokens(checkpoint):
     assert stats.compiled_steps > 0 and stats.eager_steps > 0  # decode compiled, the prefill eager
 
 
-def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path):
-    """(2,1): each rank's compiled decode logits are bit-identical to the other's, and close to eager tp=1."""
+@pytest.mark.parametrize("batch", [3, 1])
+def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatch, batch):
+    """(2,1): each rank's compiled decode logits are bit-identical to the other's, and close to eager tp=1.
+    Batch 3 runs the graph symbolic in batch; batch 1 its own graph, whose linears are reductions (and whose
+    row-parallel all-reduces break it, as in the other)."""
     path = checkpoint("llama")
+    prompts = PROMPTS[:batch]
+    if batch == 1:
+        monkeypatch.setenv(BUCKETS_ENV, "1x8")
     out = tmp_path / "logits"
-    run_ranks("tp_compiled_logits.py", 2, [path, str(out), *(",".join(map(str, p)) for p in PROMPTS)], timeout=300)
+    run_ranks("tp_compiled_logits.py", 2, [path, str(out), *(",".join(map(str, p)) for p in prompts)], timeout=300)
     from safetensors.torch import load_file
 
     ranks = [load_file(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
     model, _ = build_model(path, dtype=torch.float32)
-    ref, ref_tokens = decode_logits(ModelRunner(model, 64, 16), PROMPTS, 8, compiled=False)
+    ref, ref_tokens = decode_logits(ModelRunner(model, 64, 16), prompts, 8, compiled=False)
     assert torch.equal(ranks[0]["tokens"], ref_tokens)
     worst = (ranks[0]["logits"] - ref).abs().amax(dim=(1, 2))
     assert (worst <= F32_TOL * ref.abs().amax(dim=(1, 2))).all(), worst
