@@ -10,7 +10,7 @@ import os
 
 import torch
 from stagemesh.benchmarks.context import THREADS, BenchContext, make_prompt
-from stagemesh.benchmarks.decode import engine_generate, gemv_line, roofline_row
+from stagemesh.benchmarks.decode import engine_generate, gemv_line, kernel_line, roofline_row
 from stagemesh.benchmarks.hf import hf_generate, load_hf
 from stagemesh.benchmarks.profiles import torch_top_ops
 from stagemesh.benchmarks.results import Row, Target
@@ -110,7 +110,10 @@ def in_process_rows(ctx: BenchContext, dtype: torch.dtype, name: str, roofline: 
         row = roofline_row(eng, rows[0].value, best)
         row.key, row.what = "compiled_roofline", "batch-1 decode, compiled, share of the memory-bandwidth roofline"
         if row.missed:
-            row.profile = gemv_line(eng, rows[0].value) + step_profile(eng, hf, prompts[:1], s.profile_steps, name)
+            lines = gemv_line(eng, rows[0].value)
+            if 1 in eng._runner.compiled.batch_buckets:  # batch 1 has its own graph (LinearsAsSums)
+                lines.append(kernel_line(eng, rows[0].value))
+            row.profile = lines + step_profile(eng, hf, prompts[:1], s.profile_steps, name)
         rows.insert(1, row)
     return rows
 

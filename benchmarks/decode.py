@@ -8,7 +8,7 @@ from stagemesh.benchmarks.context import THREADS, BenchContext, make_prompt
 from stagemesh.benchmarks.hf import hf_generate, load_hf
 from stagemesh.benchmarks.profiles import torch_top_ops
 from stagemesh.benchmarks.results import Row, Target
-from stagemesh.benchmarks.roofline import decode_weight_bytes, gemv_floor, read_bandwidth
+from stagemesh.benchmarks.roofline import decode_weight_bytes, gemv_floor, kernel_floors, read_bandwidth
 from stagemesh.benchmarks.timing import alternate, decode_rate, median, timed
 
 
@@ -84,10 +84,20 @@ def gemv_line(eng, tokens_per_s: float) -> list[str]:
             f"{line}; the other {(step - floor) * 1e3:.1f} ms are attention, norms, rotary, residuals, sampling "
             "and Python dispatch"
         ]
-    return [
-        f"{line}: the whole step reads its weights faster than eager F.linear's kernels alone (the compiled "
-        "graph's prepacked oneDNN linears), so the gap to the roofline is the GEMV kernels' read rate"
-    ]
+    return [f"{line}: the whole step reads its weights faster than eager F.linear's kernels alone"]
+
+
+def kernel_line(eng, tokens_per_s: float) -> str:
+    """The compiled batch-1 step against its weight reads alone, through its own kernel and through sum."""
+    weight_bytes = decode_weight_bytes(eng.model, eng.config.tie_word_embeddings)
+    floors, step = kernel_floors(eng.model, eng.config.tie_word_embeddings), 1 / tokens_per_s
+    rate = lambda t: f"{t * 1e3:.1f} ms, {weight_bytes / t / 1e9:.1f} GB/s"  # noqa: E731
+    return (
+        f"the same weight matrices back to back, nothing else: through the batch-1 graph's reduction kernel "
+        f"(LinearsAsSums, compiled alone) {rate(floors['reduction'])}; through torch.sum {rate(floors['sum'])}; "
+        f"the step's other {(step - floors['reduction']) * 1e3:.1f} ms are attention, norms, rotary, "
+        "residuals, the graph call and sampling"
+    )
 
 
 def roofline_row(eng, tokens_per_s: float, bandwidth: dict) -> Row:

@@ -27,11 +27,31 @@ def gemv_floor(model: nn.Module, tied_embedding: bool, reps: int = 5) -> float:
     a decode step with nothing but its GEMVs (best of `reps`)."""
     import torch.nn.functional as F
 
+    weights, inputs = _step_matrices(model, tied_embedding)
+    return _best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps)
+
+
+@torch.inference_mode()
+def kernel_floors(model: nn.Module, tied_embedding: bool, reps: int = 5) -> dict[str, float]:
+    """The compiled batch-1 graph's counterpart of gemv_floor: seconds to stream every weight matrix of a
+    decode step through the reduction its linears become (models.compiled.LinearsAsSums, compiled alone),
+    and through torch.sum (what the roofline's best kernel reads), back to back, best of `reps`."""
+    from stagemesh.models.compiled import linear_as_sum
+
+    weights, inputs = _step_matrices(model, tied_embedding)
+    as_sum = torch.compile(linear_as_sum, dynamic=False)
+    return {
+        "reduction": _best_time(lambda: [as_sum(inputs[w.shape[1]], w) for w in weights], reps),
+        "sum": _best_time(lambda: [w.sum() for w in weights], reps),
+    }
+
+
+def _step_matrices(model: nn.Module, tied_embedding: bool):
+    """The 2-D weights a decode step reads, and a 1-row input for each input width."""
     weights = [
         p for name, p in model.named_parameters() if p.dim() == 2 and ("embed_tokens" not in name or tied_embedding)
     ]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-    return _best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], reps)
+    return weights, {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
 
 
 def read_bandwidth(megabytes: int = 256, reps: int = 9) -> dict:

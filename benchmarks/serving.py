@@ -143,8 +143,22 @@ def mixed_row(ctx: BenchContext, mesh, hf, label: str = "mesh (1,1)", target: fl
         detail={"mesh": mesh_s, "hf": hf_s, "tokens": tokens},
     )
     if row.missed:
-        row.profile = mesh_run_profile(mesh, requests)[0]
+        row.profile = mesh_run_profile(mesh, requests)[0] + [prefill_share(mesh, hf, requests, s.static_batch)]
     return row
+
+
+def prefill_share(mesh, hf, requests: list[tuple[list[int], int]], static_batch: int) -> str:
+    """How much of a mixed run is its prompts: the same requests cut to 1 token each (prefill and the first
+    token), on both sides, against the whole run."""
+    firsts = [(p, 1) for p, _ in requests]
+    mesh_first, mesh_all = timed(lambda: burst(mesh.gateway, firsts)), timed(lambda: burst(mesh.gateway, requests))
+    hf_first = timed(lambda: hf_static_batches(hf, firsts, static_batch))
+    hf_all = timed(lambda: hf_static_batches(hf, requests, static_batch))
+    return (
+        f"the prompts alone (every request cut to 1 token): mesh {mesh_first:.1f} s of its {mesh_all:.1f} s run "
+        f"({mesh_first / mesh_all:.0%}), HF static batches {hf_first:.1f} s of {hf_all:.1f} s "
+        f"({hf_first / hf_all:.0%}); the rest is decode: mesh {mesh_all - mesh_first:.1f} s, HF {hf_all - hf_first:.1f} s"
+    )
 
 
 def _keep(store: list, timings) -> None:

@@ -35,8 +35,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     @maps_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        sampling = check_request(request)  # before readiness: a bad request is refused as such at any time
         self.scheduler.check_ready()
-        req, request_id = to_request(request, self.gateway.codec, self.scheduler.max_context)
+        req, request_id = to_request(request, sampling, self.gateway.codec, self.scheduler.max_context)
         seq = self.scheduler.submit(req)
         output = TextOutput(self.gateway.codec, tuple(request.stop))
         try:
@@ -115,14 +116,34 @@ def _add_token(response: pb.GenerateResponse, token: SampledToken, output: TextO
         )
 
 
-def to_request(request: pb.GenerateRequest, codec: TextCodec | None, max_context: int) -> tuple[GenerationRequest, str]:
-    """Validates a public request; InvalidArgument names the field at fault."""
+def check_request(request: pb.GenerateRequest) -> SamplingParams:
+    """What can be checked without the model; returns the request's sampling settings. InvalidArgument
+    names the field at fault."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidArgument("prompt: set text or token_ids")
-    if kind == "text":
-        if len(request.text.encode()) > MAX_PROMPT_BYTES:
-            raise InvalidArgument(f"prompt.text is {len(request.text.encode())} bytes; the limit is {MAX_PROMPT_BYTES}")
+    if kind == "text" and len(request.text.encode()) > MAX_PROMPT_BYTES:
+        raise InvalidArgument(f"prompt.text is {len(request.text.encode())} bytes; the limit is {MAX_PROMPT_BYTES}")
+    if kind == "token_ids" and not request.token_ids.ids:
+        raise InvalidArgument("prompt is empty")
+    if request.HasField("max_tokens") and request.max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {request.max_tokens}")
+    if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+    return SamplingParams(
+        temperature=request.temperature if request.HasField("temperature") else 0.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k if request.HasField("top_k") else 0,
+        seed=request.seed if request.HasField("seed") else random.getrandbits(63),
+        logprobs=request.logprobs,
+    )
+
+
+def to_request(
+    request: pb.GenerateRequest, sampling: SamplingParams, codec: TextCodec | None, max_context: int
+) -> tuple[GenerationRequest, str]:
+    """The request against the model served (after `check_request`); InvalidArgument names the field at fault."""
+    if request.WhichOneof("prompt") == "text":
         if codec is None:
             raise InvalidArgument("prompt.text: this model has no tokenizer.json; send prompt.token_ids")
         prompt = codec.encode(request.text)
@@ -136,14 +157,5 @@ def to_request(request: pb.GenerateRequest, codec: TextCodec | None, max_context
         max_tokens = request.max_tokens
     else:
         max_tokens = min(DEFAULT_MAX_TOKENS, max_context - len(prompt))
-    if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
-        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
-    sampling = SamplingParams(
-        temperature=request.temperature if request.HasField("temperature") else 0.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        top_k=request.top_k if request.HasField("top_k") else 0,
-        seed=request.seed if request.HasField("seed") else random.getrandbits(63),
-        logprobs=request.logprobs,
-    )
     req = GenerationRequest(tuple(prompt), max_tokens, sampling, tuple(request.stop_token_ids), request.ignore_eos)
     return req, request.request_id or uuid.uuid4().hex

@@ -126,10 +126,10 @@ class LinearsAsSums(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.linear or not torch.compiler.is_compiling():
             return func(*args, **kwargs)
-        return _linear_as_sum(*args, **kwargs)
+        return linear_as_sum(*args, **kwargs)
 
 
-def _linear_as_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_as_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (1, K), weight (N, K) -> (1, N), accumulated in float32 or wider. The weight is not cast: freezing
     would fold a cast of it into a second, wider copy that every step then reads."""
     acc = torch.promote_types(x.dtype, torch.float32)

@@ -281,7 +281,8 @@ def test_beyond_the_model_is_invalid_beyond_the_whole_cache_is_resource_exhauste
 
 
 def test_not_ready_is_unavailable(checkpoint, tmp_path):
-    """A gateway whose mesh has no workers yet answers UNAVAILABLE with the reason."""
+    """A gateway whose mesh has no workers yet answers UNAVAILABLE with the reason, and a request that is
+    bad whatever the model refuses as INVALID_ARGUMENT even then."""
     cli = [sys.executable, "-m", "stagemesh.cli"]
     coordinator = subprocess.Popen(
         [*cli, "coordinator", "--model", checkpoint("llama")], stdout=subprocess.PIPE, text=True, env=child_env()
@@ -303,6 +304,15 @@ def test_not_ready_is_unavailable(checkpoint, tmp_path):
                         break
                     time.sleep(0.1)
             assert e.value.details == "not ready: waiting for stage 0 rank 0"
+            with Client(gw, timeout=30) as client:
+                bad = {
+                    "max_tokens": GenerationParams([1, 2], max_tokens=0),
+                    "temperature": GenerationParams([1], temperature=-1.0),
+                }
+                for field, params in bad.items():
+                    with pytest.raises(GatewayError) as e:
+                        client.generate(params)
+                    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details
         finally:
             gateway.terminate()
             gateway.wait(20)
