@@ -92,10 +92,14 @@ def kernel_line(eng, tokens_per_s: float) -> str:
     weight_bytes = decode_weight_bytes(eng.model, eng.config.tie_word_embeddings)
     floors, step = kernel_floors(eng.model, eng.config.tie_word_embeddings), 1 / tokens_per_s
     rate = lambda t: f"{t * 1e3:.1f} ms, {weight_bytes / t / 1e9:.1f} GB/s"  # noqa: E731
-    return (
+    line = (
         f"the same weight matrices back to back, nothing else: through the batch-1 graph's reduction kernel "
-        f"(LinearsAsSums, compiled alone) {rate(floors['reduction'])}; through torch.sum {rate(floors['sum'])}; "
-        f"the step's other {(step - floors['reduction']) * 1e3:.1f} ms are attention, norms, rotary, "
+        f"(LinearsAsSums, compiled alone) {rate(floors['reduction'])}; through torch.sum {rate(floors['sum'])}"
+    )
+    if step < floors["reduction"]:
+        return f"{line}; the whole step beat its reductions alone (noise: the step is little else)"
+    return (
+        f"{line}; the step's other {(step - floors['reduction']) * 1e3:.1f} ms are attention, norms, rotary, "
         "residuals, the graph call and sampling"
     )
 
