@@ -143,17 +143,17 @@ def mixed_row(ctx: BenchContext, mesh, hf, label: str = "mesh (1,1)", target: fl
         detail={"mesh": mesh_s, "hf": hf_s, "tokens": tokens},
     )
     if row.missed:
-        row.profile = mesh_run_profile(mesh, requests)[0] + [prefill_share(mesh, hf, requests, s.static_batch)]
+        share = prefill_share(mesh, hf, requests, s.static_batch, tokens / ours, tokens / base)
+        row.profile = mesh_run_profile(mesh, requests)[0] + [share]
     return row
 
 
-def prefill_share(mesh, hf, requests: list[tuple[list[int], int]], static_batch: int) -> str:
-    """How much of a mixed run is its prompts: the same requests cut to 1 token each (prefill and the first
-    token), on both sides, against the whole run."""
+def prefill_share(mesh, hf, requests, static_batch: int, mesh_all: float, hf_all: float) -> str:
+    """How much of a mixed run (`mesh_all`, `hf_all`: the row's median seconds) is its prompts: the same
+    requests cut to 1 token each (prefill and the first token), on both sides."""
     firsts = [(p, 1) for p, _ in requests]
-    mesh_first, mesh_all = timed(lambda: burst(mesh.gateway, firsts)), timed(lambda: burst(mesh.gateway, requests))
+    mesh_first = timed(lambda: burst(mesh.gateway, firsts))
     hf_first = timed(lambda: hf_static_batches(hf, firsts, static_batch))
-    hf_all = timed(lambda: hf_static_batches(hf, requests, static_batch))
     return (
         f"the prompts alone (every request cut to 1 token): mesh {mesh_first:.1f} s of its {mesh_all:.1f} s run "
         f"({mesh_first / mesh_all:.0%}), HF static batches {hf_first:.1f} s of {hf_all:.1f} s "

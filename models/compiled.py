@@ -118,9 +118,10 @@ class DecodeStep(nn.Module):
 class LinearsAsSums(torch.overrides.TorchFunctionMode):
     """While dynamo traces a 1-row step, `F.linear(x, W, b)` becomes `(x * W).sum(-1) + b`, which inductor
     compiles into one vectorised reduction streaming W's rows. On this project's 2-vCPU CPU that reads the
-    weights at ~0.8 of a plain `sum`'s rate, where oneDNN's prepacked GEMV reaches ~0.6 and MKL's ~0.4
-    (the bench model's 65 decode linears, 2 threads): batch-1 decode is nothing but that read. Code that
-    runs eagerly in between (experts, collectives) keeps `F.linear`."""
+    weights at ~0.8 of a plain `sum`'s rate, where oneDNN's linear reaches ~0.6 at one row (~0.4 at the two
+    rows batch 1 used to be padded to) and MKL's ~0.3 (the bench model's 65 decode matrices, 2 threads):
+    batch-1 decode is nothing but that read. Code that runs eagerly in between (experts, collectives) keeps
+    `F.linear`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
