@@ -10,8 +10,8 @@ steps stay eager, over the same KV pages, and the logits go to the same sampling
 On CPU the graphs are inductor C++ kernels with `freezing` (weights constant-folded and prepacked for
 oneDNN), symbolic in batch and key length: one graph serves every bucket from batch 2 up, and batch 1 has
 its own, whose linears are streaming reductions (`LinearsAsSums`); on CUDA `mode="reduce-overhead"` (CUDA
-graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch,
-T = padded key slots (blocks x block_size), D = hidden size, V = vocab.
+graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch, T = padded key slots
+(blocks x block_size), D = hidden size, V = vocab.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ class CompiledDecode:
     def _warm_up_pairs(self) -> list[tuple[int, int]]:
         """Every (batch, blocks) pair for CUDA graphs, which capture each shape. The CPU graphs are symbolic
         in the key length, the larger one also in batch: every batch bucket at the fewest blocks and every
-        block bucket at the two smallest batches (the batch-1 graph and the symbolic one) reach every value
-        of each size (a 64 x 4096-key step alone would take seconds to warm up)."""
+        block bucket at the two smallest batches (batch 1's own graph, when 1 is a bucket, and the symbolic
+        one) reach every value of each size (a 64 x 4096-key step alone would take seconds to warm up)."""
         if not self.symbolic:
             return [(b, k) for b in self.batch_buckets for k in self.block_buckets]
         few = self.block_buckets[0]
