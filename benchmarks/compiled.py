@@ -23,11 +23,16 @@ BATCH = 8  # the continuous-batching regime where the kernel choice matters most
 
 
 @contextlib.contextmanager
-def compile_env(ctx: BenchContext):
-    """The suite's buckets and freezing for this process and the meshes it starts."""
+def compile_env(ctx: BenchContext, batches: str | None = None):
+    """The suite's buckets and freezing for this process and the meshes it starts; `batches` ("1") replaces
+    the batch buckets, keeping the suite's block buckets."""
     saved = {k: os.environ.get(k) for k in (BUCKETS_ENV, FREEZING_ENV)}
-    if ctx.suite.compile_buckets:
-        os.environ[BUCKETS_ENV] = ctx.suite.compile_buckets
+    spec = ctx.suite.compile_buckets
+    if batches:
+        blocks = spec.partition("x")[2]
+        spec = f"{batches}x{blocks}" if blocks else batches
+    if spec:
+        os.environ[BUCKETS_ENV] = spec
     os.environ[FREEZING_ENV] = "1" if ctx.suite.compile_freezing else "0"
     try:
         yield

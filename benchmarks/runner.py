@@ -81,9 +81,10 @@ def families() -> list[Family]:
         Family(
             "parallel",
             parallel.run_parallel,
-            lambda s: 1 + len(parallel.sweep_points(s)) + len(parallel.PP_ROWS),
+            lambda s: 3 + len(parallel.sweep_points(s)) + len(parallel.PP_ROWS),
             (
                 ("tp_latency", "tp=2 decode latency"),
+                ("tp_latency_compiled", "tp=2 decode latency, compiled"),
                 ("pp_throughput", "pp=2 throughput at the top concurrency"),
                 ("pp_throughput_half", "pp=2 throughput at half of it"),
             ),

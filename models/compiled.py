@@ -120,7 +120,7 @@ class LinearsAsSums(torch.overrides.TorchFunctionMode):
     compiles into one vectorised reduction streaming W's rows. On this project's 2-vCPU CPU that reads the
     weights at ~0.8 of a plain `sum`'s rate, where oneDNN's linear reaches ~0.6 at one row (~0.4 at the two
     rows batch 1 used to be padded to) and MKL's ~0.3 (the bench model's 65 decode matrices, 2 threads):
-    batch-1 decode is nothing but that read. Code that runs eagerly in between (experts, collectives) keeps
+    batch-1 decode is nothing but that read. Code that runs eagerly in between (experts) keeps
     `F.linear`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -155,7 +155,8 @@ class CompiledDecode:
         self.stats = CompileStats()
         self._graph = None
         self._step = DecodeStep(model, gemv_as_sums=self.symbolic)
-        _collectives_between_graphs()
+        if not self.symbolic:
+            _collectives_between_graphs()
         model.rotary(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32)  # fills its device cache
         for layer in model.layers.values():  # routed experts (local or remote) have data-dependent shapes
             if hasattr(layer.mlp, "experts"):
@@ -268,7 +269,8 @@ class CompiledDecode:
 
 
 def _collectives_between_graphs() -> None:
-    """TP collectives run eagerly between the graphs: dynamo breaks its graph at each (idempotent)."""
+    """CUDA: TP collectives run eagerly between the graphs (dynamo breaks its graph at each; idempotent), so
+    no NCCL call is captured in a CUDA graph. On CPU they are custom ops inside the graph (models.tp)."""
     for name in ("all_reduce", "all_gather"):
         method = getattr(TPRank, name)
         if not getattr(method, "_torchdynamo_disable", False):
@@ -286,7 +288,7 @@ _INSTANCES = itertools.count()
 
 
 def _graph_count() -> int:
-    """Graphs dynamo has produced in this process (graph breaks, at collectives, count each piece)."""
+    """Graphs dynamo has produced in this process (each piece between graph breaks counts)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

@@ -46,25 +46,67 @@ class Collectives(Protocol):
 
     def all_reduce(self, t: torch.Tensor) -> None: ...
 
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...  # new tensors, one per rank
 
 
 @dataclass(frozen=True)
 class TPRank:
     """Where this process sits in its stage's TP group; its collectives go through `comm` (None at size 1).
-    Every rank of a group makes the same calls in the same order. Under the compiled decode both calls run
-    eagerly between its graphs (models.compiled marks them; marking them here would import dynamo, 1.2 s, in
-    every worker)."""
+    Every rank of a group makes the same calls in the same order. Eagerly they call `comm` directly; traced
+    by torch.compile they become the custom ops `stagemesh::all_reduce` / `all_gather`, which name `comm` by
+    a number, so a compiled decode step is one graph with the collectives inside (vLLM's habit)."""
 
     rank: int = 0
     size: int = 1
     comm: Collectives | None = None
 
-    def all_reduce(self, t: torch.Tensor) -> None:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group", _register(self.comm) if self.comm is not None else -1)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of `t`: eagerly `t` itself, summed in place."""
+        if torch.compiler.is_compiling():
+            return torch.ops.stagemesh.all_reduce(t, self.group)
         self.comm.all_reduce(t)
+        return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return torch.ops.stagemesh.all_gather(t, self.group, self.size)
         return self.comm.all_gather(t)
+
+
+_GROUPS: list[Collectives] = []  # a compiled graph names a group by its index here
+
+
+def _register(comm: Collectives) -> int:
+    for i, known in enumerate(_GROUPS):
+        if known is comm:
+            return i
+    _GROUPS.append(comm)
+    return len(_GROUPS) - 1
+
+
+@torch.library.custom_op("stagemesh::all_reduce", mutates_args=())
+def _all_reduce_op(t: torch.Tensor, group: int) -> torch.Tensor:
+    out = t.clone()  # functional: inductor may reuse `t` elsewhere in the graph
+    _GROUPS[group].all_reduce(out)
+    return out
+
+
+@_all_reduce_op.register_fake
+def _(t: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+@torch.library.custom_op("stagemesh::all_gather", mutates_args=())
+def _all_gather_op(t: torch.Tensor, group: int, size: int) -> list[torch.Tensor]:
+    return _GROUPS[group].all_gather(t)
+
+
+@_all_gather_op.register_fake
+def _(t: torch.Tensor, group: int, size: int) -> list[torch.Tensor]:
+    return [torch.empty_like(t) for _ in range(size)]
 
 
 class ProcessGroupCollectives:
@@ -184,7 +226,7 @@ def _make_row_parallel(linear: nn.Linear, in_features: int, tp: TPRank) -> None:
 
 def _all_reduce_hook(tp: TPRank, with_bias: bool = False):
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        tp.all_reduce(output)
+        output = tp.all_reduce(output)
         return output + module.row_bias if with_bias else output
 
     return hook
@@ -204,8 +246,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.end - self.start)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (N, D)
         out.masked_fill_(outside[:, None], 0)
-        self.tp.all_reduce(out)
-        return out
+        return self.tp.all_reduce(out)
 
 
 class VocabParallelHead(nn.Module):

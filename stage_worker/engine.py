@@ -80,7 +80,7 @@ class StageEngine:
             failure = str(e)
         if self.tp.size > 1:
             flag = torch.tensor([1.0 if failure else 0.0])
-            self.tp.all_reduce(flag)
+            flag = self.tp.all_reduce(flag)
             failure = failure or ("another TP rank of this stage is out of memory" if flag.item() else "")
         if failure:
             raise ResourceExhausted(

@@ -109,8 +109,9 @@ def test_compiled_engine_generates_eager_tokens(checkpoint):
 @pytest.mark.parametrize("batch", [3, 1])
 def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatch, batch):
     """(2,1): each rank's compiled decode logits are bit-identical to the other's, and close to eager tp=1.
-    Batch 3 runs the graph symbolic in batch; batch 1 its own graph, whose linears are reductions (and whose
-    row-parallel all-reduces break it, as in the other)."""
+    Batch 3 runs the graph symbolic in batch; batch 1 its own graph, whose linears are reductions. Either is
+    one graph: the collectives are custom ops inside it (a graph break at each made 33 pieces that ran slower
+    than eager)."""
     path = checkpoint("llama")
     prompts = PROMPTS[:batch]
     if batch == 1:
@@ -121,6 +122,7 @@ def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatc
 
     ranks = [load_file(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
+    assert [int(r["graphs"]) for r in ranks] == [1, 1]
     model, _ = build_model(path, dtype=torch.float32)
     ref, ref_tokens = decode_logits(ModelRunner(model, 64, 16), prompts, 8, compiled=False)
     assert torch.equal(ranks[0]["tokens"], ref_tokens)

@@ -27,7 +27,8 @@ logits, tokens = decode_logits(runner, prompts, steps=8)
 assert runner.compiled.stats.compiled_steps == 8, runner.compiled.stats
 from safetensors.torch import save_file  # noqa: E402
 
-save_file({"logits": logits.contiguous(), "tokens": tokens}, f"{out}.{rank}")
+graphs = torch.tensor(runner.compiled.stats.graphs)  # pieces dynamo compiled: 1 unless something breaks the graph
+save_file({"logits": logits.contiguous(), "tokens": tokens, "graphs": graphs}, f"{out}.{rank}")
 dist.barrier()
 dist.destroy_process_group()
 os._exit(0)  # see tp_logits.py: gloo's threads can abort interpreter teardown
