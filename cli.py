@@ -478,7 +478,7 @@ def demo_command(model_dir, tp, pp, max_tokens) -> None:
     type=click.Choice(["quick", "full", "smoke", "soak"]),
     default="quick",
     show_default=True,
-    help="quick: the published numbers (<10 min on 2 cores); full: longer runs, wider sweeps; "
+    help="quick: the published numbers (about 20 min on 2 cores); full: longer runs, wider sweeps; "
     "smoke: tiny checkpoints, seconds (CI); soak: concurrent clients for --minutes, --chaos kills workers.",
 )
 @click.option(

@@ -81,6 +81,7 @@ def tp_row(ctx: BenchContext, single, tp2, compiled: bool = False) -> Row:
     )
     if row.missed:
         row.profile = _compare_profiles({"tp=1": single, "tp=2": tp2}, prompt, n) + tp_collectives(ctx.llama)
+        row.profile.append(tp_contention(ctx.llama, ctx.suite.probe_seconds))
     return row
 
 
@@ -108,6 +109,13 @@ def tp_collectives(model_dir: str) -> list[str]:
         f"broadcast): ~{count * m['shm_seconds'] * 1e3:.1f}-{count * m['shm_between_gemvs'] * 1e3:.1f} ms per "
         "token through shared memory"
     ]
+
+
+def tp_contention(model_dir: str, seconds: float) -> str:
+    from stagemesh.benchmarks.contention import core_contention
+
+    c = ModelConfig.from_dir(model_dir)
+    return core_contention(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, seconds)
 
 
 def pp_rows(ctx: BenchContext, single, pp2) -> list[Row]:

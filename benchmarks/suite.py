@@ -1,5 +1,5 @@
 """The sizes of a benchmark run: which checkpoints, how many tokens, requests and repetitions. `quick` is
-the published one (about 17 minutes on 2 cores), `full` measures longer and sweeps wider, `smoke` runs
+the published one (about 20 minutes on 2 cores), `full` measures longer and sweeps wider, `smoke` runs
 every case on tiny checkpoints in seconds so CI keeps the harness working."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Suite:
     profile_steps: int  # decode steps under torch.profiler when a row misses
     compile_buckets: str = ""  # STAGEMESH_COMPILE_BUCKETS of the compiled rows; "" = CompileOptions' defaults
     compile_freezing: bool = True  # inductor freezing (prepacked oneDNN weights): slow to compile, fast to run
+    probe_seconds: float = 2.0  # each run of a miss profile's timed probe (benchmarks/contention.py)
 
 
 SUITES = {
@@ -105,5 +106,6 @@ SUITES = {
         profile_steps=1,
         compile_buckets="2x2",
         compile_freezing=False,
+        probe_seconds=0.2,
     ),
 }

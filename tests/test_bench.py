@@ -32,6 +32,7 @@ ROWS = {
     "expert_ffn",
     "expert_ffn_large",
     "tp_dispatch",
+    "tp_latency_compiled",
     "compiled_fp32_b1",
     "compiled_roofline",
     "compiled_fp32_b8",
@@ -60,7 +61,7 @@ def test_smoke_suite_writes_every_row_with_numbers(tmp_path):
         assert _finite(r["value"]) and r["value"] >= 0, key
         assert r["baseline_value"] is None or (_finite(r["baseline_value"]) and r["baseline_value"] > 0), key
         assert r["ratio"] is None or _finite(r["ratio"]), key
-        assert r["target"] is not None or key in ("expert_ffn", "tp_dispatch"), key
+        assert r["target"] is not None or key in ("expert_ffn", "tp_dispatch", "tp_latency_compiled"), key
         if r["verdict"] == "MISS":
             assert r["shortfall"], key
     assert (tmp_path / "checkpoints" / "tiny-llama" / "config.json").is_file()  # the default checkpoint was made
