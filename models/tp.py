@@ -11,7 +11,7 @@ all-reduce and the vocab-split LM head one all-gather per step.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -59,9 +59,11 @@ class TPRank:
     rank: int = 0
     size: int = 1
     comm: Collectives | None = None
+    group: int = field(default=-1, init=False, compare=False)  # comm's number in _GROUPS
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "group", _register(self.comm) if self.comm is not None else -1)
+        if self.comm is not None:
+            object.__setattr__(self, "group", _register(self.comm))
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the group of `t`: eagerly `t` itself, summed in place."""
