@@ -155,7 +155,7 @@ class CompiledDecode:
         self.stats = CompileStats()
         self._graph = None
         self._step = DecodeStep(model, gemv_as_sums=self.symbolic)
-        if not self.symbolic:
+        if self.device.type == "cuda":
             _collectives_between_graphs()
         model.rotary(torch.zeros(1, dtype=torch.long, device=self.device), torch.float32)  # fills its device cache
         for layer in model.layers.values():  # routed experts (local or remote) have data-dependent shapes

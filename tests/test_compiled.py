@@ -110,8 +110,8 @@ def test_compiled_engine_generates_eager_tokens(checkpoint):
 def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatch, batch):
     """(2,1): each rank's compiled decode logits are bit-identical to the other's, and close to eager tp=1.
     Batch 3 runs the graph symbolic in batch; batch 1 its own graph, whose linears are reductions. Either is
-    one graph: the collectives are custom ops inside it (a graph break at each made 33 pieces that ran slower
-    than eager)."""
+    one graph: the collectives are custom ops inside it (a graph break at each collective made 13 pieces here;
+    on the bench model such a step ran slower than eager)."""
     path = checkpoint("llama")
     prompts = PROMPTS[:batch]
     if batch == 1:
