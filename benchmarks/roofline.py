@@ -36,8 +36,9 @@ def kernel_floors(model: nn.Module, tied_embedding: bool, reps: int = 5) -> dict
     """The compiled batch-1 graph's counterpart of gemv_floor: seconds to stream every weight matrix of a
     decode step through the reduction its linears become (models.compiled.LinearsAsSums, compiled alone),
     and through torch.sum (what the roofline's best kernel reads), back to back, best of `reps`."""
-    from stagemesh.models.compiled import linear_as_sum
+    from stagemesh.models.compiled import linear_as_sum, register_realize_op
 
+    register_realize_op()
     weights, inputs = _step_matrices(model, tied_embedding)
     weights = [w.detach() for w in weights]  # plain tensors: dynamo guards on each parameter it is given
     xs = [inputs[w.shape[1]] for w in weights]

@@ -93,6 +93,20 @@ def test_batch1_graph_reads_weights_as_sums(checkpoint):
     assert gemms == len(runner.model.layers) * 4 + 1, gemms  # the prefill's 4 per layer and the head
 
 
+def test_batch1_reduction_reads_its_input_from_memory():
+    """linear_as_sum writes x once and streams W against it: inductor left alone inlines what produces x (here a
+    norm) into the reduction and recomputes it for every row of W, a fifth of the bench model's batch-1 step."""
+    from stagemesh.models.compiled import linear_as_sum, register_realize_op
+    from torch._inductor.utils import run_and_get_code
+
+    register_realize_op()
+    h, w = torch.randn(1, 96), torch.randn(40, 96)
+    fn = torch.compile(lambda h, w: linear_as_sum(torch.rms_norm(h, (96,)) * h, w))
+    out, (code,) = run_and_get_code(fn, h, w)
+    torch.testing.assert_close(out, torch.nn.functional.linear(torch.rms_norm(h, (96,)) * h, w))
+    assert "empty_strided_cpu((1, 96)" in code  # the normed x, realised (without the barrier: only (1, 1), (1, 40))
+
+
 def test_compiled_engine_generates_eager_tokens(checkpoint):
     """The reference engine with compile: batched greedy generation gives eager's tokens; prefill stays eager."""
     path = checkpoint("llama")
