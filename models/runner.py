@@ -63,6 +63,10 @@ class ModelRunner:
         """Raises InvalidArgument when the inputs do not fit the chunks or this model slice (the chunks' block
         tables were checked by the stage's SequenceTable, the reference engine's come from its allocator)."""
         n = sum(c.num_tokens for c in chunks)
+        context = self.config.max_position_embeddings
+        end = max((c.start_pos + c.num_tokens for c in chunks), default=0)
+        if end > context:
+            raise InvalidArgument(f"positions run to {end}, past the model's context of {context}")
         if self.model.has_embedding:
             if input_ids is None or input_ids.shape != (n,):
                 raise InvalidArgument(f"the first stage needs {n} token ids for the step's {n} positions")

@@ -141,6 +141,20 @@ def test_unknown_sequence_is_invalid_argument(mesh):
         assert len(client.generate(GenerationParams([5, 9, 23], max_tokens=4, ignore_eos=True)).token_ids) == 4
 
 
+def test_positions_past_the_models_context_are_invalid_argument(mesh):
+    """A step can fit its KV blocks and still run past the model's context (512 positions): refused before
+    it runs, and the stage serves on."""
+    address, block, epoch = _stage(mesh, 0)
+    seq = _seq(12, 0, 513, block)
+    seq.block_table[:] = range(block - 32, block + 1)  # 33 blocks of 16: room for 528 positions
+    with pytest.raises(grpc.RpcError) as e:
+        _forward(address, [pb.Step(step_id=1, epoch=epoch, seqs=[seq], token_ids=[3] * 513)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "positions run to 513, past the model's context of 512" in e.value.details()
+    with Client(mesh.gateway, timeout=60) as client:
+        assert len(client.generate(GenerationParams([5, 9, 23], max_tokens=4, ignore_eos=True)).token_ids) == 4
+
+
 def test_dead_worker_fails_requests_with_unavailable(mesh):
     """Runs last in this module: it kills stage 1."""
     victim = mesh.child("--stage 1")
