@@ -9,7 +9,8 @@ steps stay eager, over the same KV pages, and the logits go to the same sampling
 
 On CPU the graphs are inductor C++ kernels with `freezing` (weights constant-folded and prepacked for
 oneDNN), symbolic in batch and key length: one graph serves every bucket from batch 2 up, and batch 1 has
-its own, whose linears are streaming reductions (`LinearsAsSums`); on CUDA `mode="reduce-overhead"` (CUDA
+its own, whose linears are streaming reductions (`LinearsAsSums`). Which of the two serves batch 1 is
+measured at warm-up (`CompileOptions.batch1`): the faster one differs between CPUs and dtypes. On CUDA `mode="reduce-overhead"` (CUDA
 graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch, T = padded key slots
 (blocks x block_size), D = hidden size, V = vocab.
 """
@@ -36,6 +37,9 @@ log = logging.getLogger("stagemesh.compile")
 
 BUCKETS_ENV = "STAGEMESH_COMPILE_BUCKETS"  # "1,2,4x1,4" = batch buckets x block buckets (CI keeps it small)
 FREEZING_ENV = "STAGEMESH_COMPILE_FREEZING"  # "0" turns freezing off (compiles ~5x faster; CI's TP and mesh)
+BATCH1_ENV = "STAGEMESH_COMPILE_BATCH1"  # CompileOptions.batch1 for processes started with --compile
+BATCH1_CHOICES = ("measure", "sums", "padded")
+BATCH1_TRIALS = 5  # alternated steps of each batch-1 path at warm-up
 
 
 def _powers_of_two(limit: int) -> tuple[int, ...]:
@@ -53,6 +57,10 @@ class CompileOptions:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # 64: the mixed-load bench
     block_buckets: tuple[int, ...] = ()  # () = powers of two up to the model's context in blocks
     freezing: bool = True  # CPU: prepacked oneDNN weights (2x the weight memory: eager prefill keeps its own)
+    # CPU batch-1 steps: "sums" = their own graph (LinearsAsSums), "padded" = the next batch bucket's graph
+    # (oneDNN), "measure" = time both at warm-up and keep the faster. On the bench model, 2 threads: AMD EPYC
+    # (AVX2) fp32 sums ~1.5x padded; Intel Xeon (AVX-512, AMX) fp32 sums 1.07x padded, bf16 padded 1.4x sums.
+    batch1: str = "measure"
 
     def __post_init__(self) -> None:
         for name in ("batch_buckets", "block_buckets"):
@@ -61,6 +69,8 @@ class CompileOptions:
                 raise InvalidArgument(f"compile {name}: increasing positive integers, got {values}")
         if not self.batch_buckets:
             raise InvalidArgument("compile batch_buckets: at least one")
+        if self.batch1 not in BATCH1_CHOICES:
+            raise InvalidArgument(f"compile batch1: one of {', '.join(BATCH1_CHOICES)}, got {self.batch1!r}")
 
     @classmethod
     def parse(cls, spec: str) -> CompileOptions:
@@ -76,7 +86,8 @@ class CompileOptions:
     def from_env(cls) -> CompileOptions:
         spec = os.environ.get(BUCKETS_ENV)
         options = cls.parse(spec) if spec else cls()
-        return replace(options, freezing=os.environ.get(FREEZING_ENV, "1") != "0")
+        freezing = os.environ.get(FREEZING_ENV, "1") != "0"
+        return replace(options, freezing=freezing, batch1=os.environ.get(BATCH1_ENV, options.batch1))
 
     def blocks_for(self, max_blocks: int) -> tuple[int, ...]:
         if not self.block_buckets:
@@ -93,6 +104,7 @@ class CompileStats:
     compiled_steps: int = 0  # decode steps served by a graph
     eager_steps: int = 0  # steps that were not (prefill, mixed, or past the largest bucket)
     buckets: list[tuple[int, int]] = field(default_factory=list)  # (batch, blocks) pairs run at start-up
+    batch1: str = ""  # which graph serves batch 1 ("sums" or "padded"), "" when batch 1 has no choice
 
 
 class DecodeStep(nn.Module):
@@ -164,6 +176,7 @@ class CompiledDecode:
         # specialises size 1) whose linears are reductions over the unpacked weights (LinearsAsSums).
         self.symbolic = self.device.type == "cpu"
         self.batch_buckets = options.batch_buckets
+        self.pad_batch1 = False  # batch 1 goes through the next bucket's graph (decided at warm-up)
         self.stats = CompileStats()
         self._graph = None
         self._step = DecodeStep(model, gemv_as_sums=self.symbolic)
@@ -183,16 +196,18 @@ class CompiledDecode:
 
     def describe_buckets(self) -> str:
         batches, blocks = ",".join(map(str, self.batch_buckets)), ",".join(map(str, self.block_buckets))
-        return f"batch {batches} x blocks {blocks}"
+        batch1 = f" (batch 1: {self.stats.batch1})" if self.stats.batch1 else ""
+        return f"batch {batches} x blocks {blocks}{batch1}"
 
     @torch.inference_mode()
-    def warm_up(self) -> CompileStats:
-        """Compiles every batch bucket and runs every (batch, blocks) pair once, so serving never compiles.
-        Again after a TP group was re-formed, the same steps (and collectives) as a spare's first warm-up:
-        the graphs exist, so this only runs them."""
+    def warm_up(self, tp: TPRank = TPRank()) -> CompileStats:
+        """Compiles every batch bucket, runs every (batch, blocks) pair once, so serving never compiles, and
+        chooses batch 1's graph. Again after a TP group was re-formed, the same steps (and collectives) as a
+        spare's first warm-up: the graphs exist, so this only runs them and chooses again with the spare."""
         if self._graph is not None:
             for b, blocks in self._warm_up_pairs():
                 self._run_padded(*self._dummy(b, blocks))
+            self._choose_batch1(tp)
             return self.stats
         start = time.perf_counter()
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -202,15 +217,37 @@ class CompiledDecode:
             self._run_padded(*self._dummy(b, blocks))
             self.stats.buckets.append((b, blocks))
         self.stats.graphs = _graph_count() - before
+        self._choose_batch1(tp)
         self.stats.warmup_seconds = time.perf_counter() - start
         log.info(
-            "compiled decode: %d graphs for batch buckets %s x block buckets %s in %.1f s",
+            "compiled decode: %d graphs for %s in %.1f s",
             self.stats.graphs,
-            list(self.batch_buckets),
-            list(self.block_buckets),
+            self.describe_buckets(),
             self.stats.warmup_seconds,
         )
         return self.stats
+
+    def _choose_batch1(self, tp: TPRank) -> None:
+        """Whether batch 1 runs its own graph (reductions) or the next bucket's, padded (CompileOptions.batch1).
+        "measure" alternates the two a few times; TP ranks sum their times, so every rank takes the same
+        graph (the other ranks' collectives must match)."""
+        if not (self.symbolic and self.batch_buckets[0] == 1 and len(self.batch_buckets) > 1):
+            return
+        choice = self.options.batch1
+        if choice == "measure":
+            few = self.block_buckets[0]
+            paths = (self._dummy(1, few), self._dummy(self.batch_buckets[1], few))
+            seconds = torch.zeros(2, dtype=torch.float64)
+            for _ in range(BATCH1_TRIALS):
+                for i, args in enumerate(paths):
+                    start = time.perf_counter()
+                    self._run_padded(*args)
+                    seconds[i] += time.perf_counter() - start
+            if tp.size > 1:
+                tp.all_reduce(seconds)
+            choice = "padded" if seconds[1] < seconds[0] else "sums"
+        self.pad_batch1 = choice == "padded"
+        self.stats.batch1 = choice
 
     def _warm_up_pairs(self) -> list[tuple[int, int]]:
         """Every (batch, blocks) pair for CUDA graphs, which capture each shape. The CPU graphs are symbolic
@@ -249,7 +286,7 @@ class CompiledDecode:
     def __call__(self, batch: StepBatch, input_ids: torch.Tensor | None, hidden: torch.Tensor | None):
         """The decode step of `batch` (decode-only, within the buckets): logits (B, V) or hidden (B, D)."""
         n = batch.num_tokens
-        b = self.batch_buckets[bisect_left(self.batch_buckets, n)]
+        b = self.batch_buckets[bisect_left(self.batch_buckets, n) + (n == 1 and self.pad_batch1)]
         width = batch.decode_slots.shape[1] // self.block_size
         blocks = self.block_buckets[bisect_left(self.block_buckets, width)]
         scratch = self.scratch_block * self.block_size

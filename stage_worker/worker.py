@@ -144,7 +144,7 @@ class StageRuntime:
             self.regroup.clear()  # a step that was in flight has already reported its failure
             await formation.form(self.executor, failed)
             if self.engine.runner.compiled is not None:  # the same warm-up steps as a spare's (collectives)
-                await loop.run_in_executor(self.executor, self.engine.runner.compiled.warm_up)
+                await loop.run_in_executor(self.executor, self.engine.runner.compiled.warm_up, self.engine.tp)
             self.broken = None
             self.group_serving = True
             await report_ready()
@@ -252,7 +252,7 @@ def _load_shard(opts: StageWorkerOptions, assignment, runtime: StageRuntime, dev
     compile_options = CompileOptions.from_env() if opts.compile else None
     runner = ModelRunner(model, blocks, spec.block_size, device, compile=compile_options)
     if runner.compiled is not None:  # every TP rank compiles the same buckets in the same order (collectives)
-        runner.compiled.warm_up()
+        runner.compiled.warm_up(tp)
     return StageEngine(runner, tp, fault)
 
 

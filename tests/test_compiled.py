@@ -107,6 +107,29 @@ def test_batch1_reduction_reads_its_input_from_memory():
     assert "empty_strided_cpu((1, 96)" in code  # the normed x, realised (without the barrier: only (1, 1), (1, 40))
 
 
+def test_batch1_graph_is_chosen_at_warm_up(checkpoint):
+    """CompileOptions.batch1: "padded" sends batch 1 through the next bucket's graph (GEMMs, no graph of its
+    own is used), "measure" times both and says which it kept, `coordctl status` shows it; anything else is
+    refused."""
+    runner = compiled_runner(checkpoint("llama"), freezing=False, buckets="1,2x8")
+    assert runner.compiled.stats.batch1 in ("sums", "padded")
+    assert f"(batch 1: {runner.compiled.stats.batch1})" in runner.compiled.describe_buckets()
+    runner.compiled.options = replace(runner.compiled.options, batch1="padded")
+    runner.compiled.warm_up()  # chooses again: the graphs exist
+    assert runner.compiled.pad_batch1 and runner.compiled.stats.batch1 == "padded"
+    assert_close_to_eager(runner, PROMPTS[2:])
+    from torch.profiler import profile
+
+    with profile() as prof:
+        decode_logits(runner, PROMPTS[:1], 2)
+    gemms = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    assert gemms == 3 * (len(runner.model.layers) * 4 + 1), gemms  # the prefill and each of 2 decode steps
+    from stagemesh.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="compile batch1: one of measure, sums, padded"):
+        CompileOptions(batch1="fastest")
+
+
 def test_compiled_engine_generates_eager_tokens(checkpoint):
     """The reference engine with compile: batched greedy generation gives eager's tokens; prefill stays eager."""
     path = checkpoint("llama")
@@ -120,23 +143,25 @@ def test_compiled_engine_generates_eager_tokens(checkpoint):
     assert stats.compiled_steps > 0 and stats.eager_steps > 0  # decode compiled, the prefill eager
 
 
-@pytest.mark.parametrize("batch", [3, 1])
-def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatch, batch):
+@pytest.mark.parametrize("batch,buckets", [(3, "1,4x8"), (1, "1x8")])
+def test_compiled_tp2_ranks_identical_and_close(checkpoint, tmp_path, monkeypatch, batch, buckets):
     """(2,1): each rank's compiled decode logits are bit-identical to the other's, and close to eager tp=1.
-    Batch 3 runs the graph symbolic in batch; batch 1 its own graph, whose linears are reductions. Either is
-    one graph: the collectives are custom ops inside it (a graph break at each collective made 13 pieces here;
-    on the bench model such a step ran slower than eager)."""
+    Batch 3 runs the graph symbolic in batch (and the ranks time batch 1's two graphs at warm-up and must
+    agree on one); batch 1 its own graph, whose linears are reductions. Each is one graph: the collectives
+    are custom ops inside it (a graph break at each collective made 13 pieces here; on the bench model such
+    a step ran slower than eager)."""
     path = checkpoint("llama")
     prompts = PROMPTS[:batch]
-    if batch == 1:
-        monkeypatch.setenv(BUCKETS_ENV, "1x8")
+    monkeypatch.setenv(BUCKETS_ENV, buckets)
     out = tmp_path / "logits"
     run_ranks("tp_compiled_logits.py", 2, [path, str(out), *(",".join(map(str, p)) for p in prompts)], timeout=300)
     from safetensors.torch import load_file
 
     ranks = [load_file(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
-    assert [int(r["graphs"]) for r in ranks] == [1, 1]
+    graphs = len(buckets.split("x")[0].split(","))  # batch 1's own graph and the symbolic one
+    assert [int(r["graphs"]) for r in ranks] == [graphs, graphs]
+    assert bool(ranks[0]["padded"]) == bool(ranks[1]["padded"])
     model, _ = build_model(path, dtype=torch.float32)
     ref, ref_tokens = decode_logits(ModelRunner(model, 64, 16), prompts, 8, compiled=False)
     assert torch.equal(ranks[0]["tokens"], ref_tokens)

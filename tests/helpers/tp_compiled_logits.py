@@ -20,15 +20,17 @@ prompts = [[int(t) for t in p.split(",")] for p in sys.argv[6:]]
 torch.set_num_threads(1)
 store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
 dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-model, _ = build_model(model_dir, tp=TPRank(rank, world, ProcessGroupCollectives()), dtype=torch.float32)
+tp = TPRank(rank, world, ProcessGroupCollectives())
+model, _ = build_model(model_dir, tp=tp, dtype=torch.float32)
 runner = ModelRunner(model, num_blocks=64, block_size=16, compile=CompileOptions.from_env())
-runner.compiled.warm_up()
+runner.compiled.warm_up(tp)
 logits, tokens = decode_logits(runner, prompts, steps=8)
 assert runner.compiled.stats.compiled_steps == 8, runner.compiled.stats
 from safetensors.torch import save_file  # noqa: E402
 
 graphs = torch.tensor(runner.compiled.stats.graphs)  # pieces dynamo compiled: 1 unless something breaks the graph
-save_file({"logits": logits.contiguous(), "tokens": tokens, "graphs": graphs}, f"{out}.{rank}")
+padded = torch.tensor(runner.compiled.pad_batch1)  # the batch-1 graph this rank chose (ranks must agree)
+save_file({"logits": logits.contiguous(), "tokens": tokens, "graphs": graphs, "padded": padded}, f"{out}.{rank}")
 dist.barrier()
 dist.destroy_process_group()
 os._exit(0)  # see tp_logits.py: gloo's threads can abort interpreter teardown
