@@ -10,9 +10,9 @@ steps stay eager, over the same KV pages, and the logits go to the same sampling
 On CPU the graphs are inductor C++ kernels with `freezing` (weights constant-folded and prepacked for
 oneDNN), symbolic in batch and key length: one graph serves every bucket from batch 2 up, and batch 1 has
 its own, whose linears are streaming reductions (`LinearsAsSums`). Which of the two serves batch 1 is
-measured at warm-up (`CompileOptions.batch1`): the faster one differs between CPUs and dtypes. On CUDA `mode="reduce-overhead"` (CUDA
-graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch, T = padded key slots
-(blocks x block_size), D = hidden size, V = vocab.
+measured at warm-up (`CompileOptions.batch1`): the faster one differs between CPUs and dtypes. On CUDA
+`mode="reduce-overhead"` (CUDA graphs), one capture per (batch, blocks) bucket. Legend: B = padded batch,
+T = padded key slots (blocks x block_size), D = hidden size, V = vocab.
 """
 
 from __future__ import annotations
