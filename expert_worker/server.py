@@ -21,6 +21,8 @@ class ExpertsServicer(pb_grpc.ExpertsServicer):
     def __init__(self) -> None:
         self.engine = None  # set once the experts are loaded
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="experts")
+        self.stopping = False
+        self._streams: set[asyncio.Task] = set()  # the tasks serving open Stream calls
 
     @maps_errors
     async def Compute(self, request: pb.ExpertRequest, context) -> pb.ExpertReply:
@@ -28,8 +30,25 @@ class ExpertsServicer(pb_grpc.ExpertsServicer):
 
     @maps_errors
     async def Stream(self, request_iterator: AsyncIterable[pb.ExpertRequest], context) -> AsyncIterator[pb.ExpertReply]:
-        async for request in request_iterator:
-            yield await self._compute(request)
+        task = asyncio.current_task()
+        self._streams.add(task)
+        try:
+            async for request in request_iterator:
+                yield await self._compute(request)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            raise Unavailable("the expert worker is stopping") from None
+        finally:
+            self._streams.discard(task)
+
+    def end_streams(self) -> None:
+        """Before the server stops: every open Stream ends with UNAVAILABLE at once. Stages hold their
+        streams for as long as they run, so left to the server's stop each would wait out its grace and
+        then be cancelled (grpc logs that as an unhandled CancelledError)."""
+        self.stopping = True
+        for task in self._streams:
+            task.cancel()
 
     async def _compute(self, request: pb.ExpertRequest) -> pb.ExpertReply:
         engine = self.engine

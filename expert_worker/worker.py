@@ -83,4 +83,5 @@ async def run_expert_worker(opts: ExpertWorkerOptions) -> None:
     servicer.engine = engine
     await client.call("ReportReady", cpb.ReadyRequest(worker_id=membership.worker_id, param_bytes=_param_bytes(engine)))
     await set_serving(health, [SERVICE], True)
-    await run_service(f"expert-worker index={assignment.expert_index}", address, server, [heartbeat])
+    name = f"expert-worker index={assignment.expert_index}"
+    await run_service(name, address, server, [heartbeat], before_stop=servicer.end_streams)

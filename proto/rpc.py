@@ -223,9 +223,11 @@ def channel(
     return grpc.intercept_channel(ch, security.AddToken(token)) if token else ch
 
 
-async def run_service(name: str, address: str, server: grpc.aio.Server, background=(), grace: float = 2.0) -> None:
+async def run_service(
+    name: str, address: str, server: grpc.aio.Server, background=(), grace: float = 2.0, before_stop=lambda: None
+) -> None:
     """Announces `ready <name> address=HOST:PORT` on stdout (launchers wait for that line), then serves
-    until SIGINT/SIGTERM or until a background task fails, and stops gracefully."""
+    until SIGINT/SIGTERM or until a background task fails, and stops gracefully (`before_stop()` first)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -236,6 +238,7 @@ async def run_service(name: str, address: str, server: grpc.aio.Server, backgrou
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in [stopper, *tasks]:
         t.cancel()
+    before_stop()
     await server.stop(grace)
     for t in done:
         if t is not stopper and not t.cancelled() and t.exception() is not None:

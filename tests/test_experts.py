@@ -146,6 +146,36 @@ def test_a_dead_expert_without_replica_fails_steps_with_unavailable(checkpoint):
         mesh.stop()
 
 
+def test_a_stopping_expert_worker_ends_open_streams_with_unavailable(checkpoint):
+    """SIGTERM to an expert worker while a client holds its Stream open (as every stage does): the stream ends
+    with UNAVAILABLE and the reason, rather than being cancelled once the server's grace ran out (which grpc
+    logged as an unhandled CancelledError)."""
+    import queue
+
+    mesh = MeshProcess(checkpoint("mixtral"), "--ep", "1", "--dtype", "float64")
+    try:
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        good = pb.ExpertRequest(
+            layer=0,
+            hidden=encode(torch.randn(2, 64, dtype=torch.float64)),
+            expert_ids=encode(torch.tensor([[0, 1], [2, -1]])),
+            weights=encode(torch.full((2, 2), 0.5)),
+        )
+        with channel(_expert_address(mesh, 0)) as ch:
+            replies = expert_pb2_grpc.ExpertsStub(ch).Stream(iter(requests.get, None), timeout=60)
+            requests.put(good)
+            assert list(next(replies).output.shape) == [2, 64]
+            mesh.child("--expert-worker-index 0").terminate()
+            with pytest.raises(grpc.RpcError) as e:
+                next(replies)
+            requests.put(None)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the expert worker is stopping" in e.value.details()
+    finally:
+        mesh.stop()
+    assert not [line for line in mesh.stderr_lines if "Exception not handled" in line]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
