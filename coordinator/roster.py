@@ -4,6 +4,9 @@ membership events. No gRPC here: the servicer drives it.
 
 A worker silent for `heartbeat_timeout` is dead: it loses its role at once (its id is remembered, so a
 process that comes back after a partition is refused its old role and must register again, as a spare).
+Time the coordinator itself did not run (sweeps `stall` seconds or more apart: an overloaded host) is not
+counted as anyone's silence: heartbeats that arrived meanwhile wait in its queue, and without this rule the
+first sweep after the stall would declare every worker dead before reading them.
 The first spare of the right kind takes a lost role; until one does the topology says why it is not ready.
 
 A tp>1 stage's ranks form their group under a group epoch (StageGroup). When one of them is lost (or
@@ -49,11 +52,14 @@ class Spare:
     since: float
 
 
+SWEEP_SECONDS = 0.25  # how often the coordinator looks for silent workers (Roster.sweep)
+
+
 @dataclass(frozen=True)
 class Event:
     time: float  # unix seconds
     epoch: int
-    kind: str  # registered, spare, takeover, dead, ready, regroup, rejoined, drained
+    kind: str  # registered, spare, takeover, dead, ready, regroup, rejoined, drained, stalled
     detail: str
 
 
@@ -138,11 +144,13 @@ class Roster:
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] = lambda: None,
         grace: float | None = None,
+        stall: float = 4 * SWEEP_SECONDS,  # sweeps this far apart: the coordinator itself was stalled
     ) -> None:
         self.config, self.plan, self.spec = config, plan, spec
         self.heartbeat_timeout = heartbeat_timeout
         self.grace = heartbeat_timeout if grace is None else grace  # the restoring window (module docstring)
         self.clock = clock
+        self.stall = stall
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
         self.groups = {s: StageGroup() for s in range(plan.pp)} if plan.tp > 1 else {}
@@ -152,7 +160,7 @@ class Roster:
         self.dead: set[str] = set()  # ids of workers declared dead: never given a role again
         self.left: dict[str, str] = {}  # drained worker id -> why: its next heartbeat tells it to leave
         self.events: list[Event] = []
-        self.started = clock()
+        self.started = self._last_sweep = clock()
         self.restoring = True
         self.rejoins = 0
         self._epoch_floor = 0  # the highest pipeline epoch a rejoining worker reported
@@ -352,6 +360,11 @@ class Roster:
         """Declares workers silent for longer than the heartbeat timeout dead: each loses its role. Closes
         the restoring window when it is over."""
         now = self.clock()
+        stalled, self._last_sweep = now - self._last_sweep, now
+        if stalled >= self.stall:  # this process did not run: the silence it saw meanwhile is its own
+            for w in self.workers.values():
+                w.last_heartbeat = min(now, w.last_heartbeat + stalled)
+            self.log("stalled", f"the coordinator did not run for {stalled:.1f}s; no worker is judged on that time")
         silent = [w for w in self.workers.values() if now - w.last_heartbeat > self.heartbeat_timeout]
         for w in silent:
             self.remove(w, f"no heartbeat for {now - w.last_heartbeat:.1f}s")

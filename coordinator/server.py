@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from stagemesh.coordinator.roster import EXPERT, STAGE, HeldRole, NoFreeRole, Roster, Spare, Worker
+from stagemesh.coordinator.roster import EXPERT, STAGE, SWEEP_SECONDS, HeldRole, NoFreeRole, Roster, Spare, Worker
 from stagemesh.coordinator.wire import plan_message, topology_message
 from stagemesh.models.config import ModelConfig
 from stagemesh.models.plan import LayoutOptions, ServingSpec
@@ -244,7 +244,7 @@ async def serve(opts: CoordinatorOptions) -> None:
 
     async def sweep() -> None:
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(SWEEP_SECONDS)
             roster.sweep()
 
     await run_service("coordinator", f"{opts.host}:{port}", server, background=[sweep()])

@@ -33,6 +33,15 @@ def _ready(stage: int, epoch: int) -> HeldRole:
     return HeldRole("ready", param_bytes=10, kv_blocks=64 - stage, kv_bytes_per_block=8, pipeline_epoch=epoch)
 
 
+def _wait(roster: Roster, clock: Clock, seconds: float, *beating) -> None:
+    """Time passing as the coordinator sees it: a sweep every 0.25 s, a heartbeat from each `beating` worker."""
+    for _ in range(round(seconds / 0.25)):
+        clock.now += 0.25
+        for w in beating:
+            roster.heartbeat(w.worker_id, {})
+        roster.sweep()
+
+
 def _serving_mesh(make_roster) -> tuple[Roster, Clock]:
     """A fresh coordinator whose two stages registered (by role, as `stagemesh up` starts them) and are ready."""
     roster, clock = make_roster()
@@ -48,9 +57,7 @@ def test_a_fresh_roster_restores_only_until_every_role_is_held_and_spares_wait_m
     with pytest.raises(NoFreeRole, match="re-registering workers first"):
         roster.register(STAGE, "h:9")  # role-less: waits as a spare while the window is open
     named = roster.register(STAGE, "h:10", stage=0, tp_rank=0)  # a named role is given at once
-    clock.now += 3.1
-    roster.heartbeat(named.worker_id, {})
-    roster.sweep()
+    _wait(roster, clock, 3.25, named)
     assert not roster.topology.restoring and not roster.lost  # no rejoin: a fresh start, nothing lost
     assert roster.register(STAGE, "h:9").role == (STAGE, 1, 0)
     assert roster.topology.reason == "waiting for stage 0 rank 0, stage 1 rank 0"  # both loading
@@ -79,9 +86,7 @@ def test_roles_not_taken_back_in_the_window_are_lost_and_new_pipeline_epochs_sta
     roster, clock = make_roster()
     back = roster.rejoin(STAGE, "h:10", "cpu", "", 0, (STAGE, 0, 0), _ready(0, 41))
     key = roster.add_spare(STAGE, "h:20", "cpu", "")
-    clock.now += 3.1
-    roster.heartbeat(back.worker_id, {})
-    roster.sweep()  # the window closes: stage 1 did not come back
+    _wait(roster, clock, 3.25, back)  # the window closes: stage 1 did not come back
     assert not roster.topology.restoring and roster.topology.recovering
     assert "stage 1 rank 0 is down, a spare is taking over" in roster.topology.reason
     spare = roster.register(STAGE, "h:20")
@@ -97,6 +102,22 @@ def test_rejoins_at_different_epochs_make_a_new_pipeline_epoch(make_roster):
     roster.rejoin(STAGE, "h:10", "cpu", "", 0, (STAGE, 0, 0), _ready(0, 7))
     roster.rejoin(STAGE, "h:11", "cpu", "", 0, (STAGE, 1, 0), _ready(1, 9))
     assert roster.topology.ready and roster.topology.pipeline_epoch > 9
+
+
+def test_the_coordinators_own_stall_is_not_counted_as_the_workers_silence(make_roster):
+    """An overloaded host stops the coordinator for 5 s: heartbeats wait in its queue, and the first sweep
+    after the stall must not declare the workers dead; silence that it does see, sweep after sweep, still
+    kills at the timeout."""
+    roster, clock = _serving_mesh(make_roster)
+    w0, w1 = roster.workers.values()
+    clock.now += 0.25
+    roster.sweep()
+    clock.now += 5.0  # no sweep, no heartbeat handled
+    roster.sweep()
+    assert not roster.lost and roster.topology.ready
+    assert roster.events[-1].kind == "stalled" and "did not run for 5.0s" in roster.events[-1].detail
+    _wait(roster, clock, 3.25, w0)  # 3.25 s more of sweeps: only stage 0 still sends heartbeats
+    assert set(roster.lost) == {w1.role}
 
 
 def test_drain_needs_a_spare_then_tells_the_worker_to_leave(make_roster):
@@ -129,9 +150,7 @@ def test_a_tp2_stage_re_forms_its_group_at_a_new_epoch_when_a_rank_is_lost(check
         roster.mark_ready(w.worker_id, 10, 64, 8, group_epoch=0)
     assert roster.topology.ready
 
-    clock.now += 3.1
-    roster.heartbeat(leader.worker_id, {})
-    roster.sweep()  # rank 1 is silent: lost
+    _wait(roster, clock, 3.25, leader)  # rank 1 is silent: lost
     assert roster.groups[0].epoch == 1 and roster.heartbeat(leader.worker_id, {})[1] == 1
     assert not roster.topology.ready and "stage 0 rank 1 is down, no spare" in roster.topology.reason
     assert roster.join_group(leader.worker_id, 0) == (1, False, "")  # the survivor waits for a spare
