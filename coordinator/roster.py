@@ -6,7 +6,7 @@ A worker silent for `heartbeat_timeout` is dead: it loses its role at once (its 
 process that comes back after a partition is refused its old role and must register again, as a spare).
 Time the coordinator itself did not run (sweeps `stall` seconds or more apart: an overloaded host) is not
 counted as anyone's silence: heartbeats that arrived meanwhile wait in its queue, and without this rule the
-first sweep after the stall would declare every worker dead before reading them.
+first sweep after the stall could run before them and declare every worker dead.
 The first spare of the right kind takes a lost role; until one does the topology says why it is not ready.
 
 A tp>1 stage's ranks form their group under a group epoch (StageGroup). When one of them is lost (or
