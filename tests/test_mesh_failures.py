@@ -155,6 +155,33 @@ def test_positions_past_the_models_context_are_invalid_argument(mesh):
         assert len(client.generate(GenerationParams([5, 9, 23], max_tokens=4, ignore_eos=True)).token_ids) == 4
 
 
+def test_a_stalled_coordinator_declares_no_worker_dead(mesh):
+    """The coordinator's process stopped for 5 s (SIGSTOP: an overloaded host) while a stream runs: when it
+    runs again it does not count its own stall as the workers' silence (before, both stages were declared
+    dead, 'no heartbeat for 5.2s'), and the stream finishes."""
+    import signal
+
+    from stagemesh.coordinator.client import cluster_events
+
+    coordinator = mesh.child("coordinator")
+    with Client(mesh.gateway, timeout=60) as client:
+        stream = client.stream(GenerationParams([5, 9, 23], max_tokens=60, ignore_eos=True))
+        tokens = list(next(stream).token_ids)
+        coordinator.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)
+        finally:
+            coordinator.send_signal(signal.SIGCONT)
+        for chunk in stream:
+            tokens.extend(chunk.token_ids)
+    assert len(tokens) == 60
+    time.sleep(1)  # a few sweeps after the stall
+    events = cluster_events(mesh.coordinator)
+    assert not [e for e in events if e["kind"] == "dead"], events
+    assert [e for e in events if e["kind"] == "stalled"]
+    assert cluster_status(mesh.coordinator).topology.ready
+
+
 def test_dead_worker_fails_requests_with_unavailable(mesh):
     """Runs last in this module: it kills stage 1."""
     victim = mesh.child("--stage 1")
