@@ -321,8 +321,9 @@ def coordinator_command(**fields) -> None:
     "compile",
     "--compile",
     is_flag=True,
-    help="Decode through torch.compile graphs captured at start-up (buckets: STAGEMESH_COMPILE_BUCKETS); "
-    "prefill stays eager. Held to tolerances against eager, not to bit-exactness.",
+    help="Decode through torch.compile graphs captured at start-up (buckets: STAGEMESH_COMPILE_BUCKETS; batch 1's "
+    "graph: STAGEMESH_COMPILE_BATCH1=measure|sums|padded); prefill stays eager. Held to tolerances against eager, "
+    "not to bit-exactness.",
 )
 @security_options
 def stage_worker_command(**fields) -> None:

@@ -109,8 +109,8 @@ def test_batch1_reduction_reads_its_input_from_memory():
 
 def test_batch1_graph_is_chosen_at_warm_up(checkpoint):
     """CompileOptions.batch1: "padded" sends batch 1 through the next bucket's graph (GEMMs, no graph of its
-    own is used), "measure" times both and says which it kept, `coordctl status` shows it; anything else is
-    refused."""
+    own is used), "measure" times both and says which it kept (in the bucket description `coordctl status`
+    shows); anything else is refused."""
     runner = compiled_runner(checkpoint("llama"), freezing=False, buckets="1,2x8")
     assert runner.compiled.stats.batch1 in ("sums", "padded")
     assert f"(batch 1: {runner.compiled.stats.batch1})" in runner.compiled.describe_buckets()
